@@ -1,0 +1,1 @@
+"""Spawns, supervises and restarts the FUSE daemons that serve remote layers."""
