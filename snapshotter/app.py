@@ -1,0 +1,89 @@
+"""App: opens lazysnap's resources in order, serves, and closes them in reverse.
+
+Start-up order: root directory (created 0700, checked writable and overlay-capable),
+metastore, snapshotter, gRPC server. SIGTERM and SIGINT stop the server gracefully and
+close everything; FUSE daemons (when there are any) are left running on purpose so that
+running containers keep their layers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import tempfile
+from pathlib import Path
+
+from snapshotter.api.server import start_server, stop_server
+from snapshotter.api.service import SnapshotsService
+from snapshotter.config import Config
+from snapshotter.errdefs import StartupError
+from snapshotter.metastore.store import MetaStore
+from snapshotter.mountutil import mount, unmount
+from snapshotter.snapshot.local import LocalSnapshotter
+
+log = logging.getLogger(__name__)
+
+
+def prepare_root(root: str, check_overlay: bool) -> None:
+    """Create ``root`` (0700) if missing; check that it is writable and takes overlays.
+
+    Raises StartupError with a message saying what is wrong.
+    """
+    path = Path(root)
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        probe_dir = tempfile.mkdtemp(prefix="probe-", dir=path)
+    except OSError as e:
+        raise StartupError(f"root {root} is not usable: {e.strerror}") from None
+    try:
+        if check_overlay:
+            _probe_overlay(probe_dir)
+    finally:
+        shutil.rmtree(probe_dir, ignore_errors=True)
+
+
+def _probe_overlay(probe_dir: str) -> None:
+    dirs = {n: os.path.join(probe_dir, n) for n in ("lower", "upper", "work", "merged")}
+    for d in dirs.values():
+        os.mkdir(d)
+    opts = f"lowerdir={dirs['lower']},upperdir={dirs['upper']},workdir={dirs['work']}"
+    try:
+        mount("overlay", dirs["merged"], "overlay", 0, opts)
+    except OSError as e:
+        raise StartupError(
+            f"overlayfs cannot be mounted on {probe_dir}: {e.strerror}"
+            " (lazysnap needs root and a file system that supports overlay upper dirs)"
+        ) from None
+    unmount(dirs["merged"])
+
+
+class App:
+    """The running service. ``run`` returns when a stop signal arrives."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.stop_event = asyncio.Event()
+
+    async def run(self) -> None:
+        cfg = self.config
+        prepare_root(cfg.root, cfg.snapshotter.check_overlay)
+        store = MetaStore(Path(cfg.root) / "metadata.db")
+        async with contextlib.AsyncExitStack() as stack:
+            stack.callback(store.close)
+            snapshotter = LocalSnapshotter(cfg.root, store, cfg.snapshotter)
+            service = SnapshotsService(snapshotter)
+            server = await start_server(service, cfg.address)
+            stack.push_async_callback(stop_server, server, cfg.address)
+            self._install_signals()
+            log.info("lazysnap serving on %s, root %s", cfg.address, cfg.root)
+            await self.stop_event.wait()
+            log.info("stopping")
+
+    def _install_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop_event.set)

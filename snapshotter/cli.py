@@ -1,0 +1,85 @@
+"""The ``lazysnap`` command line: serve, config, version (and more subcommands).
+
+Flags override the configuration file. Exit codes: 0 success, 1 runtime failure,
+2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from snapshotter import __version__
+from snapshotter import config as configmod
+from snapshotter.errdefs import ConfigError, LazysnapError, StartupError
+
+log = logging.getLogger("lazysnap")
+
+
+def _add_config_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE",
+                   help=f"configuration file (default {configmod.DEFAULT_CONFIG_PATH} if present)")
+    p.add_argument("--address", metavar="SOCKET", help="unix socket to serve containerd on")
+    p.add_argument("--root", metavar="DIR", help="state directory")
+    p.add_argument("--log-level", choices=configmod.LOG_LEVELS, help="log level")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lazysnap", description="containerd remote snapshotter with lazy pulling")
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="serve the containerd Snapshots API")
+    _add_config_flags(serve)
+    show = sub.add_parser("config", help="print the effective configuration as TOML")
+    _add_config_flags(show)
+    sub.add_parser("version", help="print the version")
+    return parser
+
+
+def effective_config(args: argparse.Namespace) -> configmod.Config:
+    cfg = configmod.load(args.config)
+    return cfg.with_overrides(root=args.root, address=args.address, log_level=args.log_level)
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # grpc's own debug chatter (event loop bookkeeping) drowns the service's lines.
+    logging.getLogger("grpc").setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "version":
+        print(f"lazysnap {__version__}")
+        return 0
+    try:
+        cfg = effective_config(args)
+    except ConfigError as e:
+        print(f"lazysnap: configuration error: {e}", file=sys.stderr)
+        return 2
+    if args.command == "config":
+        sys.stdout.write(configmod.to_toml(cfg))
+        return 0
+    setup_logging(cfg.log_level)
+    from snapshotter.app import App
+
+    try:
+        asyncio.run(App(cfg).run())
+    except StartupError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    except LazysnapError as e:
+        log.error("%s", e)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
