@@ -80,6 +80,11 @@ class Tx:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
 
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The connection, for tables owned by other modules (daemon records)."""
+        return self._c
+
     def get(self, key: str) -> Record | None:
         row = self._c.execute(_SELECT + " WHERE s.key = ?", (key,)).fetchone()
         return None if row is None else _row(row)
