@@ -118,7 +118,12 @@ class ProcessWatch:
             return
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(self._fd, lambda: done.done() or done.set_result(None))
+
+        def readable() -> None:
+            if not done.done():
+                done.set_result(None)
+
+        loop.add_reader(self._fd, readable)
         try:
             await done
         finally:

@@ -13,6 +13,8 @@ Contract of the mutating calls (they mirror containerd's bolt storage):
     AlreadyExists (name taken);
   * ``remove`` raises NotFound, FailedPrecondition (has children);
   * ``update_labels`` raises NotFound, InvalidArgument (bad field path).
+Labels with an empty value are never stored (as in containerd's bolt storage), so setting
+``labels.<k>`` to an empty value deletes the label.
 Callers that must do file-system work as part of a change do it inside the ``write()``
 block: an exception rolls the transaction back.
 """
@@ -61,6 +63,11 @@ _SELECT = (
     "SELECT s.id, s.key, s.parent_id, COALESCE(p.key, ''), s.kind, s.labels, s.created_ns,"
     " s.updated_ns, s.size, s.inodes FROM snapshots s LEFT JOIN snapshots p ON p.id = s.parent_id"
 )
+
+
+def _labels_json(labels: Mapping[str, str]) -> str:
+    """Serialise labels, dropping empty values: containerd never stores those."""
+    return json.dumps({k: v for k, v in labels.items() if v}, sort_keys=True)
 
 
 def _row(row: Sequence[object]) -> Record:
@@ -140,7 +147,7 @@ class Tx:
         cur = self._c.execute(
             "INSERT INTO snapshots (key, parent_id, kind, labels, created_ns, updated_ns)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (key, parent_id, kind.value, json.dumps(dict(labels), sort_keys=True), now_ns, now_ns),
+            (key, parent_id, kind.value, _labels_json(labels), now_ns, now_ns),
         )
         assert cur.lastrowid is not None
         return self.must_get(key)
@@ -157,7 +164,7 @@ class Tx:
         self._c.execute(
             "UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_ns = ?, updated_ns = ?,"
             " size = ?, inodes = ? WHERE id = ?",
-            (name, Kind.COMMITTED.value, json.dumps(dict(labels), sort_keys=True), now_ns,
+            (name, Kind.COMMITTED.value, _labels_json(labels), now_ns,
              now_ns, size, inodes, rec.id),
         )
         return self.must_get(name)
@@ -189,7 +196,7 @@ class Tx:
                                       " only labels and labels.<key> are mutable")
         self._c.execute(
             "UPDATE snapshots SET labels = ?, updated_ns = ? WHERE id = ?",
-            (json.dumps(new, sort_keys=True), now_ns, rec.id),
+            (_labels_json(new), now_ns, rec.id),
         )
         return self.must_get(key)
 

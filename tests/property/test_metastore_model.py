@@ -18,6 +18,10 @@ KEYS = st.sampled_from(["a", "b", "c", "d", "default/1/extract-1 sha256:x", "e/f
 LABELS = st.dictionaries(st.sampled_from(["x", "y", "z"]), st.text(max_size=3), max_size=3)
 
 
+def _stored(labels: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in labels.items() if v}
+
+
 @dataclass
 class M:
     kind: Kind
@@ -54,7 +58,7 @@ class MetaStoreModel(RuleBasedStateMachine):
             parent == "" or (parent in self.model and self.model[parent].kind is Kind.COMMITTED))
         self._expect(ok, lambda tx: tx.create(key, parent, kind, labels, self.now))
         if ok:
-            self.model[key] = M(kind, parent, dict(labels))
+            self.model[key] = M(kind, parent, _stored(labels))
 
     @rule(key=KEYS, name=KEYS, labels=LABELS)
     def commit(self, key: str, name: str, labels: dict[str, str]) -> None:
@@ -63,7 +67,7 @@ class MetaStoreModel(RuleBasedStateMachine):
         self._expect(ok, lambda tx: tx.commit(key, name, labels, 0, 0, self.now))
         if ok:
             old = self.model.pop(key)
-            self.model[name] = M(Kind.COMMITTED, old.parent, dict(labels))
+            self.model[name] = M(Kind.COMMITTED, old.parent, _stored(labels))
             for m in self.model.values():
                 assert m.parent != key
 
@@ -80,7 +84,7 @@ class MetaStoreModel(RuleBasedStateMachine):
         ok = key in self.model
         self._expect(ok, lambda tx: tx.update_labels(key, labels, ["labels"], self.now))
         if ok:
-            self.model[key].labels = dict(labels)
+            self.model[key].labels = _stored(labels)
 
     @invariant()
     def agrees(self) -> None:

@@ -87,7 +87,7 @@ def test_update_field_paths(store: MetaStore) -> None:
         tx.create("a", "", Kind.ACTIVE, {"k1": "v1", "k2": "v2"}, 1)
         assert tx.update_labels("a", {"k1": "n1", "k3": "n3"}, ["labels.k1"], 2).labels == {
             "k1": "n1", "k2": "v2"}
-        assert tx.update_labels("a", {}, ["labels.k2"], 3).labels == {"k1": "n1", "k2": ""}
+        assert tx.update_labels("a", {}, ["labels.k2"], 3).labels == {"k1": "n1"}
         r = tx.update_labels("a", {"only": "this"}, [], 4)
         assert r.labels == {"only": "this"} and r.updated_ns == 4 and r.created_ns == 1
 

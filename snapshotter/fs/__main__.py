@@ -1,0 +1,120 @@
+"""Entry point of a FUSE daemon process::
+
+    python -m snapshotter.fs --mode dedicated|shared --mountpoint DIR \\
+        --control SOCKET --config JSONFILE [--control-fd N]
+
+``--config`` is the JSON described by ``daemon.DaemonConfig.from_json``. ``--control-fd``
+names an inherited, already-listening unix socket to serve (socket activation); the
+daemon then does not bind ``--control`` itself (the path still identifies it).
+
+The daemon leaves its caller's session when it is not a session leader already (the
+manager starts it with ``setsid``). Logs go to stderr, one line per event.
+
+Exit status: 0 after a clean shutdown (SIGTERM, SIGINT, control ``shutdown`` or an
+external unmount), 1 when start-up fails, 2 for a bad command line or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import pyfuse3.asyncio
+
+from snapshotter.errdefs import ConfigError, LazysnapError
+from snapshotter.fs.daemon import MODES, BlobSource, Daemon, DaemonConfig
+from snapshotter.remote.base import BlobFetcher
+
+log = logging.getLogger("snapshotter.fs")
+
+
+class _RegistrySource:
+    """``BlobSource`` over the registry client built from the ``registry`` config table."""
+
+    def __init__(self, table: Mapping[str, Any]) -> None:
+        from snapshotter.remote.hosts import HostsConfig
+        from snapshotter.remote.registry import RegistryClient
+
+        self._client = RegistryClient(HostsConfig.from_dict(table))
+
+    async def open_blob(self, ref: str, digest: str) -> BlobFetcher:
+        return self._client.open_blob(ref, digest)
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m snapshotter.fs", description=__doc__.split("\n")[0])
+    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--mountpoint", required=True)
+    p.add_argument("--control", required=True, help="control socket path")
+    p.add_argument("--control-fd", type=int, default=None, help="inherited listening socket")
+    p.add_argument("--config", required=True, help="daemon configuration JSON file")
+    return p.parse_args(argv)
+
+
+def _load_config(path: str, mode: str) -> DaemonConfig:
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot read daemon config {path}: {exc}") from exc
+    return DaemonConfig.from_json(raw, mode)
+
+
+def _inherited_socket(fd: int | None) -> socket.socket | None:
+    if fd is None:
+        return None
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    return sock
+
+
+async def _run(args: argparse.Namespace, config: DaemonConfig, source: BlobSource) -> None:
+    daemon = Daemon(
+        config,
+        mode=args.mode,
+        mountpoint=args.mountpoint,
+        control_path=args.control,
+        source=source,
+        control_sock=_inherited_socket(args.control_fd),
+    )
+    await daemon.run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s",
+    )
+    try:
+        config = _load_config(args.config, args.mode)
+        logging.getLogger().setLevel(config.log_level)
+        source = _RegistrySource(config.registry)
+    except LazysnapError as exc:
+        log.error("%s", exc)
+        return 2
+    with contextlib.suppress(PermissionError):
+        os.setsid()  # EPERM: already a session (or group) leader, as the manager starts us
+    pyfuse3.asyncio.enable()
+    try:
+        asyncio.run(_run(args, config, source))
+    except LazysnapError as exc:
+        log.error("daemon failed: %s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

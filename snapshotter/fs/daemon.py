@@ -1,0 +1,495 @@
+"""The FUSE daemon process: configuration, the layer life cycle, and the mount itself.
+
+``LayerManager`` (the control socket's ``DaemonCore``) owns the layers. Adding a layer
+starts one owned task that, in order: opens the blob through the ``BlobSource``, reads and
+verifies the index (``open_layer`` of the layer's format: footer + TOC, TOC digest checked
+unless the spec allows skipping), adds the layer to the FUSE operations, prefetches
+(``fetchpolicy``), marks the layer ready, then fetches the rest in the background when
+asked. A layer that cannot be opened is not served; its ``error`` reads
+``<reason>: <detail>`` with reason one of ``no_toc_digest``, ``digest_mismatch``,
+``format_error``, ``blob_not_found``, ``registry_auth``, ``registry_unavailable``,
+``registry_error``, ``invalid_layer``, ``internal``.
+
+``Daemon.run`` is the process: mount FUSE (``fsname=lazysnap``, ``subtype=lazysnap``,
+``ro``, ``default_permissions``, ``allow_other`` unless configured off), serve the control
+socket, add the configured layers, then wait for SIGTERM/SIGINT, a ``shutdown`` request or
+an external unmount, and tear down: layers first (pending reads fail with EIO and
+ready-waiters get "daemon is stopping" rather than hang), then the control socket, the
+FUSE loop, the mount, and the registry connections.
+
+Every log line about a layer carries ``[layer <digest>]``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import pyfuse3
+
+from snapshotter.cache.chunkcache import ChunkCache
+from snapshotter.errdefs import (
+    AlreadyExists,
+    BlobNotFound,
+    ConfigError,
+    DaemonError,
+    DigestMismatch,
+    FailedPrecondition,
+    FormatError,
+    InvalidArgument,
+    NotFound,
+    RegistryAuthError,
+    RegistryError,
+    RegistryUnavailable,
+    StartupError,
+    Unavailable,
+)
+from snapshotter.formats.index import LayerIndex
+from snapshotter.fs.control import (
+    ControlServer,
+    DaemonStatus,
+    LayerSpec,
+    LayerStatus,
+    json_field,
+)
+from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress
+from snapshotter.fs.ops import MAX_LAYER_ID, FuseTimeouts, LayerOperations, MountedLayer
+from snapshotter.fs.reader import ChunkReader, ReaderCounters
+from snapshotter.remote.base import BlobFetcher
+
+log = logging.getLogger(__name__)
+
+MODES = ("dedicated", "shared")
+LayerOpener = Callable[[BlobFetcher, str | None], Awaitable[tuple[LayerIndex, bytes]]]
+
+
+class BlobSource(Protocol):
+    """Where blob fetchers come from (the registry client in production)."""
+
+    async def open_blob(self, ref: str, digest: str) -> BlobFetcher: ...
+
+    async def aclose(self) -> None: ...
+
+
+def default_openers() -> dict[str, LayerOpener]:
+    """Index readers by ``LayerSpec.format``; nydus adds its own here."""
+    from snapshotter.formats import estargz
+
+    return {"estargz": estargz.open_layer}
+
+
+class LayerLog(logging.LoggerAdapter[logging.Logger]):
+    """Prefixes every message with ``[layer <digest>]``."""
+
+    def process(self, msg: Any, kwargs: Any) -> tuple[Any, Any]:
+        return f"[layer {self.extra['digest'] if self.extra else '?'}] {msg}", kwargs
+
+
+# --- configuration ----------------------------------------------------------------------------
+
+_CONFIG_KEYS = {
+    "version", "cache_dir", "cache_limit_bytes", "cache_fsync", "registry", "entry_timeout",
+    "attr_timeout", "log_level", "allow_other", "fuse_max_tasks", "layers",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonConfig:
+    """The ``--config`` JSON of a daemon. See ``from_json`` for keys and defaults."""
+
+    cache_dir: str
+    cache_limit_bytes: int
+    registry: Mapping[str, Any] = field(default_factory=dict)
+    entry_timeout: float = 3600.0
+    attr_timeout: float = 3600.0
+    log_level: str = "INFO"
+    layers: tuple[LayerSpec, ...] = ()
+    cache_fsync: bool = False
+    allow_other: bool = True
+    fuse_max_tasks: int = 64
+
+    @classmethod
+    def from_json(cls, raw: object, mode: str) -> DaemonConfig:
+        """Validate the JSON object ``raw`` for ``mode``; raises ConfigError.
+
+        Required: ``cache_dir`` (str), ``cache_limit_bytes`` (int > 0). Optional:
+        ``version`` (1), ``registry`` (object, for ``snapshotter.remote.hosts``),
+        ``entry_timeout``/``attr_timeout`` (seconds, 3600), ``log_level`` ("INFO"),
+        ``layers`` (list of LayerSpec objects mounted at start; dedicated mode needs
+        exactly one), ``cache_fsync`` (false), ``allow_other`` (true),
+        ``fuse_max_tasks`` (64). Unknown keys are errors.
+        """
+        if not isinstance(raw, dict):
+            raise ConfigError("daemon config must be a JSON object")
+        unknown = set(raw) - _CONFIG_KEYS
+        if unknown:
+            raise ConfigError(f"unknown daemon config keys: {sorted(unknown)}")
+        if raw.get("version", 1) != 1:
+            raise ConfigError(f"unsupported daemon config version {raw.get('version')!r}")
+        try:
+            layers = tuple(LayerSpec.from_json(x) for x in _get(raw, "layers", list, []))
+            config = cls(
+                cache_dir=_get(raw, "cache_dir", str),
+                cache_limit_bytes=_get(raw, "cache_limit_bytes", int),
+                registry=_get(raw, "registry", dict, {}),
+                entry_timeout=float(_get(raw, "entry_timeout", (int, float), 3600.0)),
+                attr_timeout=float(_get(raw, "attr_timeout", (int, float), 3600.0)),
+                log_level=_get(raw, "log_level", str, "INFO").upper(),
+                layers=layers,
+                cache_fsync=_get(raw, "cache_fsync", bool, False),
+                allow_other=_get(raw, "allow_other", bool, True),
+                fuse_max_tasks=_get(raw, "fuse_max_tasks", int, 64),
+            )
+        except InvalidArgument as exc:
+            raise ConfigError(f"bad layer in daemon config: {exc}") from None
+        if config.cache_limit_bytes <= 0 or config.fuse_max_tasks <= 0:
+            raise ConfigError("cache_limit_bytes and fuse_max_tasks must be positive")
+        if config.log_level not in logging.getLevelNamesMapping():
+            raise ConfigError(f"unknown log level {config.log_level!r}")
+        if mode == "dedicated" and len(config.layers) != 1:
+            raise ConfigError("a dedicated daemon needs exactly one layer in 'layers'")
+        return config
+
+
+def _get(raw: Mapping[str, Any], key: str, kind: type | tuple[type, ...], *default: Any) -> Any:
+    return json_field(raw, key, kind, *default, error=ConfigError, what="daemon config")
+
+
+# --- layers -------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class _Layer:
+    spec: LayerSpec
+    log: LayerLog
+    settled: asyncio.Event = field(default_factory=asyncio.Event)
+    progress: FetchProgress = field(default_factory=FetchProgress)
+    ready: bool = False
+    error: str | None = None
+    fetcher: BlobFetcher | None = None
+    reader: ChunkReader | None = None
+    index: LayerIndex | None = None
+    task: asyncio.Task[None] | None = None
+
+    def status(self) -> LayerStatus:
+        return LayerStatus(
+            layer_id=self.spec.layer_id,
+            digest=self.spec.digest,
+            ready=self.ready,
+            error=self.error,
+            fetched_bytes=self.reader.counters.fetched_bytes if self.reader else 0,
+            total_bytes=self.index.blob_size if self.index else 0,
+            fully_fetched=self.progress.fully_fetched,
+            prefetch_done=self.progress.prefetch_done,
+        )
+
+
+def failure_reason(exc: BaseException) -> str:
+    """The short reason token for why a layer could not be opened."""
+    table: tuple[tuple[type[BaseException], str], ...] = (
+        (NoTocDigest, "no_toc_digest"),
+        (DigestMismatch, "digest_mismatch"),
+        (FormatError, "format_error"),
+        (BlobNotFound, "blob_not_found"),
+        (RegistryAuthError, "registry_auth"),
+        (RegistryUnavailable, "registry_unavailable"),
+        (RegistryError, "registry_error"),
+        (InvalidArgument, "invalid_layer"),
+    )
+    for kind, reason in table:
+        if isinstance(exc, kind):
+            return reason
+    return "internal"
+
+
+class LayerManager:
+    """The layers of one daemon; implements ``control.DaemonCore``.
+
+    Every layer task is owned here; ``aclose`` cancels them, fails ready-waiters with
+    "daemon is stopping", and closes readers and fetchers.
+    """
+
+    def __init__(
+        self,
+        *,
+        mode: str,
+        mountpoint: str,
+        ops: LayerOperations,
+        cache: ChunkCache,
+        source: BlobSource,
+        openers: Mapping[str, LayerOpener] | None = None,
+    ) -> None:
+        self.mode = mode
+        self.mountpoint = mountpoint
+        self.state = "starting"
+        self.stop_requested = asyncio.Event()
+        self._ops = ops
+        self._cache = cache
+        self._source = source
+        self._openers = dict(openers) if openers is not None else default_openers()
+        self._layers: dict[int, _Layer] = {}
+
+    def status(self) -> DaemonStatus:
+        totals = ReaderCounters()
+        for layer in self._layers.values():
+            if layer.reader is not None:
+                for name, value in asdict(layer.reader.counters).items():
+                    setattr(totals, name, getattr(totals, name) + value)
+        return DaemonStatus(
+            state=self.state,
+            pid=os.getpid(),
+            mode=self.mode,
+            mountpoint=self.mountpoint,
+            layers=[layer.status() for _, layer in sorted(self._layers.items())],
+            cache=asdict(self._cache.stats()),
+            reader=asdict(totals),
+            rss_bytes=rss_bytes(),
+        )
+
+    async def add_layer(self, spec: LayerSpec) -> LayerStatus:
+        """Start mounting ``spec`` in the background; see the module docstring."""
+        if self.state == "stopping":
+            raise Unavailable("daemon is stopping")
+        if spec.layer_id in self._layers:
+            raise AlreadyExists(f"layer {spec.layer_id} exists")
+        if self.mode == "dedicated" and self._layers:
+            raise FailedPrecondition("a dedicated daemon serves exactly one layer")
+        if spec.format not in self._openers:
+            raise InvalidArgument(f"no reader for layer format {spec.format!r}")
+        if self.mode == "shared" and not 1 <= spec.layer_id <= MAX_LAYER_ID:
+            raise InvalidArgument(f"shared-mode layer ids are 1..{MAX_LAYER_ID}")
+        layer = _Layer(spec=spec, log=LayerLog(log, {"digest": spec.digest}))
+        self._layers[spec.layer_id] = layer
+        layer.task = asyncio.get_running_loop().create_task(self._run(layer))
+        return layer.status()
+
+    async def remove_layer(self, layer_id: int) -> None:
+        """Stop serving a layer and release it; raises NotFound."""
+        layer = self._layers.pop(layer_id, None)
+        if layer is None:
+            raise NotFound(f"layer {layer_id} is not in this daemon")
+        await self._close_layer(layer, "layer removed")
+        layer.log.info("removed")
+
+    async def wait_ready(self, layer_id: int, timeout: float) -> LayerStatus:
+        """See ``control.DaemonCore.wait_ready``."""
+        layer = self._layers.get(layer_id)
+        if layer is None:
+            raise NotFound(f"layer {layer_id} is not in this daemon")
+        try:
+            async with asyncio.timeout(timeout):
+                await layer.settled.wait()
+        except TimeoutError:
+            raise TimeoutError(f"layer {layer_id} not ready after {timeout}s") from None
+        if layer.error is not None:
+            raise DaemonError(layer.error)
+        return layer.status()
+
+    def request_shutdown(self) -> None:
+        self.stop_requested.set()
+
+    async def aclose(self) -> None:
+        """Stop every layer; idempotent."""
+        self.state = "stopping"
+        layers, self._layers = list(self._layers.values()), {}
+        for layer in layers:
+            await self._close_layer(layer, "unavailable: daemon is stopping")
+
+    async def _close_layer(self, layer: _Layer, why: str) -> None:
+        if not layer.settled.is_set():
+            layer.error = why
+            layer.settled.set()
+        if layer.task is not None:
+            layer.task.cancel()
+            await asyncio.gather(layer.task, return_exceptions=True)
+        if layer.spec.layer_id in self._ops.layers:
+            self._ops.remove_layer(layer.spec.layer_id)
+        if layer.reader is not None:
+            await layer.reader.aclose()
+        if layer.fetcher is not None:
+            with contextlib.suppress(Exception):
+                await layer.fetcher.aclose()
+
+    async def _run(self, layer: _Layer) -> None:
+        """The life of one layer: open, mount, prefetch, ready, background fetch."""
+        spec = layer.spec
+        try:
+            index, reader = await self._open(layer)
+        except Exception as exc:
+            reason = failure_reason(exc)
+            layer.error = f"{reason}: {exc}"
+            layer.log.error("cannot mount: %s", layer.error, exc_info=reason == "internal")
+            layer.settled.set()
+            return
+        policy = FetchPolicy(
+            prefetch_timeout_s=spec.prefetch_timeout_s,
+            background=spec.background_fetch,
+            background_rate_bytes_per_s=spec.background_rate_bytes_per_s,
+        )
+        await policy.prefetch(reader, index, layer.progress, layer.log)
+        layer.ready = True
+        layer.settled.set()
+        layer.log.info("ready (prefetch %s)", "done" if layer.progress.prefetch_done else "skipped")
+        await policy.background_fetch(reader, index, layer.progress, layer.log)
+
+    async def _open(self, layer: _Layer) -> tuple[LayerIndex, ChunkReader]:
+        spec = layer.spec
+        if spec.toc_digest is None and not spec.skip_verify:
+            raise NoTocDigest("no TOC digest given and verification may not be skipped")
+        layer.fetcher = await self._source.open_blob(spec.ref, spec.digest)
+        index, _toc = await self._openers[spec.format](layer.fetcher, spec.toc_digest)
+        reader = ChunkReader(
+            {"": layer.fetcher}, self._cache, readahead_chunks=spec.readahead_chunks,
+            logger=layer.log,
+        )
+        layer.index, layer.reader = index, reader
+        self._ops.add_layer(MountedLayer(spec.layer_id, spec.digest, index, reader))
+        layer.log.info(
+            "mounted: %d inodes, %d data bytes, blob %d bytes",
+            len(index.nodes), index.total_data_bytes(), index.blob_size,
+        )
+        return index, reader
+
+
+class NoTocDigest(InvalidArgument):
+    """The spec gives no TOC digest and does not allow skipping verification."""
+
+
+def rss_bytes() -> int:
+    """This process's resident set size in bytes (0 if /proc is unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+# --- the process --------------------------------------------------------------------------------
+
+
+class _PyfuseNotifier:
+    """Kernel cache invalidation through pyfuse3's notify thread (safe from handlers).
+
+    Disabled during teardown: the session is going away, and a notification queued for
+    it would fail once it is destroyed.
+    """
+
+    def __init__(self) -> None:
+        self.enabled = True
+
+    def entry_removed(self, parent_ino: int, name: bytes) -> None:
+        if self.enabled:
+            pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
+
+
+def fuse_options(config: DaemonConfig) -> set[str]:
+    """The FUSE mount options of a daemon."""
+    opts = {"fsname=lazysnap", "subtype=lazysnap", "ro", "default_permissions"}
+    if config.allow_other:
+        opts.add("allow_other")
+    return opts
+
+
+class Daemon:
+    """One daemon process's resources, opened in ``run`` and closed in reverse order.
+
+    ``control_sock``: an already-listening socket to serve (socket activation by the
+    manager); without it the daemon binds ``control_path`` itself.
+    """
+
+    def __init__(
+        self,
+        config: DaemonConfig,
+        *,
+        mode: str,
+        mountpoint: str,
+        control_path: str,
+        source: BlobSource,
+        control_sock: Any = None,
+        openers: Mapping[str, LayerOpener] | None = None,
+    ) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
+        self._config = config
+        self._mountpoint = mountpoint
+        self._source = source
+        self._cache = ChunkCache(
+            config.cache_dir, config.cache_limit_bytes, fsync=config.cache_fsync
+        )
+        self._notifier = _PyfuseNotifier()
+        self._ops = LayerOperations(
+            shared=mode == "shared",
+            timeouts=FuseTimeouts(entry_s=config.entry_timeout, attr_s=config.attr_timeout),
+            notifier=self._notifier,
+        )
+        self.manager = LayerManager(
+            mode=mode, mountpoint=mountpoint, ops=self._ops, cache=self._cache,
+            source=source, openers=openers,
+        )
+        self._server = ControlServer(self.manager, control_path, sock=control_sock)
+
+    async def run(self) -> None:
+        """Serve until SIGTERM/SIGINT, a shutdown request or an external unmount.
+
+        Raises StartupError when the mount or the control socket cannot be set up, and
+        DaemonError when the FUSE loop fails, in both cases after undoing what was set up.
+        """
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.manager.request_shutdown)
+        try:
+            pyfuse3.init(self._ops, self._mountpoint, fuse_options(self._config))
+        except RuntimeError as exc:
+            await self._source.aclose()
+            raise StartupError(f"cannot mount FUSE at {self._mountpoint}: {exc}") from exc
+        fuse_task = loop.create_task(pyfuse3.main(max_tasks=self._config.fuse_max_tasks))
+        try:
+            await self._serve(fuse_task)
+        finally:
+            await self._teardown(fuse_task)
+
+    async def _serve(self, fuse_task: asyncio.Task[None]) -> None:
+        try:
+            await self._server.start()
+        except OSError as exc:
+            raise StartupError(f"cannot serve the control socket: {exc}") from exc
+        for spec in self._config.layers:
+            await self.manager.add_layer(spec)
+        self.manager.state = "running"
+        log.info("serving %s at %s (pid %d)", self.manager.mode, self._mountpoint, os.getpid())
+        stop = asyncio.ensure_future(self.manager.stop_requested.wait())
+        try:
+            await asyncio.wait({stop, fuse_task}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if fuse_task.done():
+            log.warning("the FUSE session ended (unmounted from outside?); exiting")
+        else:
+            log.info("shutdown requested; exiting")
+
+    async def _teardown(self, fuse_task: asyncio.Task[None]) -> None:
+        """Undo ``run`` in reverse; raises DaemonError (after cleaning up) when the FUSE
+        loop itself failed, so that the process exits non-zero."""
+        self.manager.state = "stopping"
+        self._notifier.enabled = False
+        await self.manager.aclose()  # first: pending reads and ready-waiters fail fast
+        await self._server.aclose()
+        if not fuse_task.done():
+            pyfuse3.terminate()
+        failure: BaseException | None = None
+        try:
+            await fuse_task
+        except Exception as exc:
+            log.exception("the FUSE loop failed")
+            failure = exc
+        pyfuse3.close(unmount=True)
+        await self._source.aclose()
+        log.info("unmounted %s", self._mountpoint)
+        if failure is not None:
+            raise DaemonError(f"the FUSE loop failed: {failure}") from failure

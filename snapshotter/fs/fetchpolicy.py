@@ -1,0 +1,140 @@
+"""What a layer fetches before it is declared ready, and what it fetches afterwards.
+
+Prefetch (before ready): the files the image producer marked as needed first.
+  * ``index.no_prefetch`` (eStargz ``.no.prefetch.landmark``) → nothing;
+  * otherwise the files in ``index.prefetch_inos`` (in that order), plus every regular file
+    whose compressed bytes lie entirely below ``index.prefetch_blob_end`` (eStargz: the
+    range before ``.prefetch.landmark``);
+  * bounded by ``prefetch_timeout_s``; a timeout or a fetch error is logged and recorded in
+    ``FetchProgress.prefetch_error`` but does not fail the layer: prefetching only warms
+    the cache, every chunk can still be fetched on demand. ``prefetch_timeout_s <= 0``
+    disables prefetch.
+
+Background fetch (after ready, when enabled): every chunk of every regular file, paced to
+``background_rate_bytes_per_s`` (0 = unpaced). Success sets ``fully_fetched``; an error is
+recorded in ``background_error`` and ends the background fetch (reads still work on demand).
+
+The policy talks to the reader only through ``BulkFetcher.fetch_all``, so it is tested with
+a fake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Protocol
+
+from snapshotter.formats.index import LayerIndex, Node, NodeKind
+
+
+class BulkFetcher(Protocol):
+    """The part of ``ChunkReader`` the policy needs."""
+
+    async def fetch_all(self, nodes: Iterable[Node], rate_limit_bytes_per_s: int = 0) -> int:
+        """Bring every chunk of ``nodes`` into the cache; return compressed bytes fetched."""
+        ...
+
+
+@dataclass(slots=True)
+class FetchProgress:
+    """How far a layer's prefetch and background fetch have got (read by status calls)."""
+
+    prefetch_done: bool = False
+    prefetch_error: str | None = None
+    fully_fetched: bool = False
+    background_error: str | None = None
+
+
+def prefetch_nodes(index: LayerIndex) -> list[Node]:
+    """The regular files to prefetch, in fetch order, each once (see module docstring)."""
+    if index.no_prefetch:
+        return []
+    out: list[Node] = []
+    seen: set[int] = set()
+
+    def add(node: Node) -> None:
+        if node.kind is NodeKind.REG and node.chunks and node.ino not in seen:
+            seen.add(node.ino)
+            out.append(node)
+
+    for ino in index.prefetch_inos:
+        node = index.nodes.get(ino)
+        if node is not None:
+            add(node)
+    if index.prefetch_blob_end > 0:
+        below = [
+            n
+            for n in index.nodes.values()
+            if n.kind is NodeKind.REG
+            and n.chunks
+            and all(c.blob == "" and c.blob_end <= index.prefetch_blob_end for c in n.chunks)
+        ]
+        below.sort(key=lambda n: n.chunks[0].blob_offset)
+        for node in below:
+            add(node)
+    return out
+
+
+def background_nodes(index: LayerIndex) -> list[Node]:
+    """Every regular file with data, in the blob order of its first chunk."""
+    nodes = [n for n in index.nodes.values() if n.kind is NodeKind.REG and n.chunks]
+    nodes.sort(key=lambda n: (n.chunks[0].blob, n.chunks[0].blob_offset))
+    return nodes
+
+
+@dataclass(frozen=True, slots=True)
+class FetchPolicy:
+    """Prefetch and background-fetch settings of one layer."""
+
+    prefetch_timeout_s: float
+    background: bool
+    background_rate_bytes_per_s: int = 0
+
+    async def prefetch(
+        self,
+        reader: BulkFetcher,
+        index: LayerIndex,
+        progress: FetchProgress,
+        log: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        """Run the prefetch; never raises (except cancellation); updates ``progress``."""
+        nodes = prefetch_nodes(index) if self.prefetch_timeout_s > 0 else []
+        if not nodes:
+            progress.prefetch_done = True
+            return
+        try:
+            async with asyncio.timeout(self.prefetch_timeout_s):
+                fetched = await reader.fetch_all(nodes)
+        except TimeoutError:
+            progress.prefetch_error = f"prefetch timed out after {self.prefetch_timeout_s}s"
+            log.warning("%s; serving on demand", progress.prefetch_error)
+            return
+        except Exception as exc:  # registry, format or local I/O: all only degrade
+            progress.prefetch_error = f"prefetch failed: {exc}"
+            log.warning("%s; serving on demand", progress.prefetch_error)
+            return
+        progress.prefetch_done = True
+        log.info("prefetched %d files (%d compressed bytes fetched)", len(nodes), fetched)
+
+    async def background_fetch(
+        self,
+        reader: BulkFetcher,
+        index: LayerIndex,
+        progress: FetchProgress,
+        log: logging.LoggerAdapter[logging.Logger],
+    ) -> None:
+        """Fetch the whole layer if enabled; never raises (except cancellation)."""
+        if not self.background:
+            return
+        try:
+            fetched = await reader.fetch_all(
+                background_nodes(index), self.background_rate_bytes_per_s
+            )
+        except Exception as exc:  # registry, format or local I/O: all only degrade
+            progress.background_error = f"background fetch failed: {exc}"
+            log.warning("%s", progress.background_error)
+            return
+        progress.fully_fetched = True
+        log.info("background fetch complete (%d compressed bytes fetched)", fetched)

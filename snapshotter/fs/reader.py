@@ -1,0 +1,400 @@
+"""Serve byte ranges of a layer's regular files from the chunk cache or the registry.
+
+``ChunkReader`` owns the read path of one layer: for ``read(node, offset, length)`` it finds
+the chunks that overlap the range, serves cached chunks straight from the disk cache (a
+``pread`` of just the wanted slice), and fetches the others. The chunks missing for one read
+are fetched with a single ``BlobFetcher.fetch`` call per blob (one range per distinct gzip
+member), then decoded and verified in a worker thread, stored in the cache and sliced.
+
+Guarantees:
+  * single flight: while a chunk is being fetched, every other reader of that chunk waits
+    for the same fetch instead of starting its own;
+  * only verified bytes are served or cached: a chunk whose digest does not match raises
+    ``DigestMismatch`` (from the decoder) and is not stored, so the next read tries again;
+  * read-ahead: a file read sequentially gets its next ``readahead_chunks`` chunks fetched
+    in the background (one fetch per chunk, so they arrive in order and overlap), which lets
+    a sequential reader run at link rate rather than one round trip per chunk;
+  * every background task belongs to the reader; ``aclose`` cancels them and fails their
+    waiters with ``Unavailable``.
+
+Failure modes of ``read``/``fetch_all``: whatever the fetcher raises (``RegistryError`` and
+subclasses), ``DigestMismatch``/``FormatError`` from decoding, ``FormatError`` for an
+unsupported compression, ``Unavailable`` after ``aclose``.
+
+Decoding dispatches on ``Chunk.compression`` through a table of ``Decoder`` functions
+(``DEFAULT_DECODERS``); a format adds its compressions there (nydus: ``zstd``,
+``lz4_block``). A decoder returns the chunk's verified, uncompressed bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import hashlib
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+from snapshotter.cache.chunkcache import ChunkCache, chunk_key
+from snapshotter.errdefs import DigestMismatch, FormatError, Unavailable
+from snapshotter.formats.index import Chunk, Node, NodeKind
+from snapshotter.remote.base import BlobFetcher
+
+log = logging.getLogger(__name__)
+
+Decoder = Callable[[bytes, Chunk], bytes]
+"""``decoder(compressed_range_bytes, chunk) -> verified uncompressed chunk bytes``."""
+
+_SEQ_TRACKED = 1024
+_BATCH_BYTES = 4 << 20
+_INLINE_DECODE_BYTES = 64 << 10
+
+
+def verify_digest(data: bytes, digest: str) -> None:
+    """Raise DigestMismatch unless ``data`` hashes to ``digest`` (``""`` = nothing to check).
+
+    Raises FormatError for a digest algorithm this build cannot compute.
+    """
+    if not digest:
+        return
+    algo, _, want = digest.partition(":")
+    try:
+        h = hashlib.new(algo)
+    except ValueError:
+        raise FormatError(f"unsupported digest algorithm {algo!r}") from None
+    h.update(data)
+    if h.hexdigest() != want:
+        raise DigestMismatch(f"chunk digest mismatch: want {digest}, got {algo}:{h.hexdigest()}")
+
+
+def decode_none(data: bytes, chunk: Chunk) -> bytes:
+    """Decoder for uncompressed chunks: the range holds the bytes as they are."""
+    out = data[chunk.inner_offset : chunk.inner_offset + chunk.size]
+    if len(out) != chunk.size:
+        raise FormatError(f"chunk range holds {len(out)} bytes, expected {chunk.size}")
+    verify_digest(out, chunk.digest)
+    return out
+
+
+def decode_gzip(data: bytes, chunk: Chunk) -> bytes:
+    """Decoder for eStargz gzip members (decompress, skip inner offset, verify)."""
+    from snapshotter.formats import estargz  # the format module, imported where it is used
+
+    return estargz.read_chunk(data, chunk)
+
+
+DEFAULT_DECODERS: Mapping[str, Decoder] = {"none": decode_none, "gzip": decode_gzip}
+
+
+@dataclass(slots=True)
+class ReaderCounters:
+    """Monotonic counters of one reader. Cache hits/misses count chunks, not bytes."""
+
+    fetched_bytes: int = 0
+    served_bytes: int = 0
+    cache_hits: int = 0
+    cache_misses: int = 0
+    readahead_chunks: int = 0
+
+
+@dataclass(slots=True)
+class _Seq:
+    """Sequential-access state of one file: where the last read ended, how far ahead."""
+
+    end: int
+    ahead: int  # index of the last chunk already scheduled for read-ahead
+
+
+class ChunkReader:
+    """Reads file ranges of one layer. See the module docstring for the contract.
+
+    ``fetchers`` maps ``Chunk.blob`` to the blob's fetcher (``""`` = the layer blob).
+    ``readahead_chunks`` = 0 disables read-ahead. ``sleep`` paces ``fetch_all`` (a test
+    passes a fake); ``logger`` names the layer in messages.
+    """
+
+    def __init__(
+        self,
+        fetchers: Mapping[str, BlobFetcher],
+        cache: ChunkCache,
+        *,
+        readahead_chunks: int = 4,
+        decoders: Mapping[str, Decoder] = DEFAULT_DECODERS,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
+    ) -> None:
+        self._fetchers = dict(fetchers)
+        self._cache = cache
+        self._readahead = max(0, readahead_chunks)
+        self._decoders = dict(decoders)
+        self._sleep = sleep
+        self._log = logger
+        self._inflight: dict[str, asyncio.Future[bytes]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seq: OrderedDict[int, _Seq] = OrderedDict()
+        self._closed = False
+        self.counters = ReaderCounters()
+
+    # --- public API -------------------------------------------------------------------------
+
+    async def read(self, node: Node, offset: int, length: int) -> bytes:
+        """Bytes ``[offset, offset+length)`` of regular file ``node`` (short at EOF)."""
+        if self._closed:
+            raise Unavailable("reader is closed")
+        end = min(node.size, offset + length)
+        if node.kind is not NodeKind.REG or offset >= end:
+            return b""
+        first, last = _chunk_span(node.chunks, offset, end)
+        # Keys first: they can raise, and nothing may be registered in flight before that.
+        wanted = [(c, self._key(c)) for c in node.chunks[first : last + 1]]
+        pieces: list[bytes] = []
+        waits: list[tuple[int, asyncio.Future[bytes], int, int]] = []
+        missing: list[tuple[Chunk, str]] = []
+        for chunk, key in wanted:
+            lo = max(offset, chunk.file_offset) - chunk.file_offset
+            hi = min(end, chunk.file_offset + chunk.size) - chunk.file_offset
+            fut = self._inflight.get(key)
+            if fut is None:
+                data = self._cache.read(key, lo, hi - lo)
+                if data is not None:
+                    self.counters.cache_hits += 1
+                    pieces.append(data)
+                    continue
+                self.counters.cache_misses += 1
+                fut = self._register(key)
+                missing.append((chunk, key))
+            pieces.append(b"")
+            waits.append((len(pieces) - 1, fut, lo, hi))
+        if missing:
+            self._spawn(missing)
+        for pos, fut, lo, hi in waits:
+            pieces[pos] = (await asyncio.shield(fut))[lo:hi]
+        self._note_access(node, offset, end, last)
+        out = b"".join(pieces)
+        self.counters.served_bytes += len(out)
+        return out
+
+    async def fetch_all(self, nodes: Iterable[Node], rate_limit_bytes_per_s: int = 0) -> int:
+        """Make sure every chunk of ``nodes`` is in the cache; return compressed bytes fetched.
+
+        Chunks are fetched in blob order in batches of about 4 MiB compressed, one batch at
+        a time; ``rate_limit_bytes_per_s`` > 0 paces the batches so the average rate stays
+        below it. Chunks already cached or being fetched by someone else are not fetched
+        again. Raises the first fetch or verification error.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        fetched = 0
+        for batch in self._batches(nodes):
+            futs: list[asyncio.Future[bytes]] = []
+            missing: list[tuple[Chunk, str]] = []
+            for chunk, key in batch:
+                fut = self._inflight.get(key)
+                if fut is None:
+                    if self._cache.contains(key):
+                        continue
+                    fut = self._register(key)
+                    missing.append((chunk, key))
+                futs.append(fut)
+            tasks: list[asyncio.Task[None]] = []
+            if missing:
+                fetched += _compressed_size(c for c, _ in missing)
+                tasks = self._spawn(missing)
+            for fut in futs:
+                await asyncio.shield(fut)
+            if tasks:  # until our chunks are stored, not just decoded; wait() never cancels
+                await asyncio.wait(tasks)
+            if rate_limit_bytes_per_s > 0:
+                due = started + fetched / rate_limit_bytes_per_s
+                await self._sleep(max(0.0, due - loop.time()))
+        return fetched
+
+    def is_cached(self, chunk: Chunk) -> bool:
+        """Whether ``chunk`` is in the cache now."""
+        return self._cache.contains(self._key(chunk))
+
+    async def wait_idle(self) -> None:
+        """Wait until no background fetch (read-ahead included) is running."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+    async def aclose(self) -> None:
+        """Cancel background fetches; pending and later reads fail with Unavailable."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # --- fetching ---------------------------------------------------------------------------
+
+    def _key(self, chunk: Chunk) -> str:
+        fetcher = self._fetchers.get(chunk.blob)
+        if fetcher is None:
+            raise FormatError(f"chunk refers to unknown blob {chunk.blob!r}")
+        return chunk_key(chunk, fetcher.digest)
+
+    def _register(self, key: str) -> asyncio.Future[bytes]:
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        # A read-ahead flight may fail with nobody awaiting it: mark the error as seen.
+        fut.add_done_callback(_consume_exception)
+        self._inflight[key] = fut
+        return fut
+
+    def _spawn(self, items: list[tuple[Chunk, str]]) -> list[asyncio.Task[None]]:
+        """Start one owned fetch task per blob for ``items`` (their flights are registered).
+
+        The tasks never raise (errors go to the flights' futures) except when cancelled.
+        """
+        by_blob: dict[str, list[tuple[Chunk, str]]] = {}
+        for chunk, key in items:
+            by_blob.setdefault(chunk.blob, []).append((chunk, key))
+        tasks = []
+        for blob, group in by_blob.items():
+            task = asyncio.get_running_loop().create_task(self._fetch_group(blob, group))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            tasks.append(task)
+        return tasks
+
+    async def _fetch_group(self, blob: str, items: list[tuple[Chunk, str]]) -> None:
+        """Fetch, decode, verify, cache and publish ``items``; always settles their futures.
+
+        Decoding and storing run in one worker-thread call each for the whole group (a
+        thread hop per chunk costs more than decoding a small chunk); a group smaller
+        than ``_INLINE_DECODE_BYTES`` is decoded on the loop.
+        """
+        try:
+            ranges = sorted({(c.blob_offset, c.blob_end) for c, _ in items})
+            datas = await self._fetchers[blob].fetch(ranges)
+            self.counters.fetched_bytes += sum(len(d) for d in datas)
+            by_range = dict(zip(ranges, datas, strict=True))
+            work = [(c, by_range[(c.blob_offset, c.blob_end)]) for c, _ in items]
+            if sum(len(d) for d in datas) <= _INLINE_DECODE_BYTES:
+                decoded = self._decode_many(work)
+            else:
+                decoded = await asyncio.to_thread(self._decode_many, work)
+            good: list[tuple[str, bytes]] = []
+            for (_, key), result in zip(items, decoded, strict=True):
+                fut = self._inflight[key]
+                if isinstance(result, Exception):
+                    fut.set_exception(result)
+                else:
+                    fut.set_result(result)
+                    good.append((key, result))
+            if good:
+                await asyncio.to_thread(self._store_many, good)
+        except asyncio.CancelledError:
+            self._fail(items, Unavailable("reader closed while fetching"))
+            raise
+        except Exception as exc:
+            self._fail(items, exc)
+        finally:
+            for _, key in items:
+                self._inflight.pop(key, None)
+
+    def _decode_many(self, work: list[tuple[Chunk, bytes]]) -> list[bytes | Exception]:
+        out: list[bytes | Exception] = []
+        for chunk, compressed in work:
+            try:
+                out.append(self._decode(compressed, chunk))
+            except Exception as exc:  # settles this chunk only; the others are fine
+                out.append(exc)
+        return out
+
+    def _store_many(self, chunks: list[tuple[str, bytes]]) -> None:
+        for key, data in chunks:
+            try:
+                self._cache.put(key, data)
+            except OSError as exc:
+                self._log.warning("chunk %s not cached: %s", key, exc)
+
+    def _decode(self, compressed: bytes, chunk: Chunk) -> bytes:
+        decoder = self._decoders.get(chunk.compression)
+        if decoder is None:
+            raise FormatError(f"unsupported chunk compression {chunk.compression!r}")
+        data = decoder(compressed, chunk)
+        if len(data) != chunk.size:
+            raise FormatError(f"chunk decoded to {len(data)} bytes, expected {chunk.size}")
+        return data
+
+    def _fail(self, items: list[tuple[Chunk, str]], exc: BaseException) -> None:
+        for _, key in items:
+            fut = self._inflight.get(key)
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+
+    def _batches(self, nodes: Iterable[Node]) -> list[list[tuple[Chunk, str]]]:
+        seen: set[str] = set()
+        items: list[tuple[Chunk, str]] = []
+        for node in nodes:
+            for chunk in node.chunks:
+                key = self._key(chunk)
+                if key not in seen:
+                    seen.add(key)
+                    items.append((chunk, key))
+        items.sort(key=lambda it: (it[0].blob, it[0].blob_offset, it[0].inner_offset))
+        batches: list[list[tuple[Chunk, str]]] = []
+        size = 0
+        for item in items:
+            if not batches or size >= _BATCH_BYTES or batches[-1][0][0].blob != item[0].blob:
+                batches.append([])
+                size = 0
+            batches[-1].append(item)
+            size += item[0].blob_end - item[0].blob_offset
+        return batches
+
+    # --- read-ahead -------------------------------------------------------------------------
+
+    def _note_access(self, node: Node, offset: int, end: int, last: int) -> None:
+        """Record the read and, when it continues the previous one, schedule read-ahead."""
+        if self._readahead == 0 or self._closed:
+            return
+        state = self._seq.pop(node.ino, None)
+        slack = max(end - offset, 128 << 10)
+        sequential = state is not None and abs(offset - state.end) <= slack
+        if state is None or not sequential:
+            state = _Seq(end=end, ahead=last)
+        state.end = end
+        self._seq[node.ino] = state
+        while len(self._seq) > _SEQ_TRACKED:
+            self._seq.popitem(last=False)
+        if not sequential:
+            return
+        start = max(state.ahead, last) + 1
+        stop = min(len(node.chunks), last + 1 + self._readahead)
+        for i in range(start, stop):
+            chunk = node.chunks[i]
+            try:
+                key = self._key(chunk)
+            except FormatError:
+                break  # the read of that chunk will report it
+            if key in self._inflight or self._cache.contains(key):
+                continue
+            self._register(key)
+            self.counters.readahead_chunks += 1
+            self._spawn([(chunk, key)])
+        state.ahead = max(state.ahead, stop - 1)
+
+
+def _chunk_span(chunks: list[Chunk], offset: int, end: int) -> tuple[int, int]:
+    """Indices of the first and last chunk overlapping ``[offset, end)`` (non-empty range)."""
+    first = bisect.bisect_right(chunks, offset, key=_file_offset) - 1
+    last = bisect.bisect_left(chunks, end, key=_file_offset) - 1
+    return max(first, 0), last
+
+
+def _file_offset(chunk: Chunk) -> int:
+    return chunk.file_offset
+
+
+def _compressed_size(chunks: Iterable[Chunk]) -> int:
+    return sum(e - s for s, e in {(c.blob_offset, c.blob_end) for c in chunks})
+
+
+def _consume_exception(fut: asyncio.Future[bytes]) -> None:
+    if not fut.cancelled():
+        with contextlib.suppress(BaseException):
+            fut.exception()

@@ -1,0 +1,180 @@
+"""The on-disk chunk cache: layout, atomic writes, LRU eviction, several processes."""
+
+from __future__ import annotations
+
+import hashlib
+import multiprocessing
+import os
+import random
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from snapshotter.cache.chunkcache import ChunkCache, chunk_key
+from snapshotter.errdefs import FormatError
+from snapshotter.formats.index import Chunk
+
+
+def key_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def files_in(root: Path) -> list[Path]:
+    return sorted(p for p in root.rglob("*") if p.is_file())
+
+
+def test_put_get_round_trip_and_layout(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    data = b"hello chunk"
+    key = key_of(data)
+    assert cache.get(key) is None
+    assert cache.put(key, data)
+    hexd = key.split(":")[1]
+    assert (tmp_path / "sha256" / hexd[:2] / hexd).read_bytes() == data
+    assert cache.get(key) == data
+    assert cache.read(key, 6, 5) == b"chunk"
+    assert cache.contains(key)
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.bytes_stored, stats.size_bytes) == (2, 1, 11, 11)
+    assert stats.limit_bytes == 1 << 20
+
+
+def test_short_file_is_a_miss_and_is_removed(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    key = key_of(b"0123456789")
+    path = cache.path_for(key)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"01234")  # as after a crash without fsync
+    assert cache.read(key, 0, 10) is None
+    assert not path.exists()
+    assert cache.put(key, b"0123456789")
+    assert cache.read(key, 0, 10) == b"0123456789"
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20, fsync=True)
+    key = key_of(b"data")
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        cache.put(key, b"data")
+    assert files_in(tmp_path) == []
+    assert cache.get(key) is None
+
+
+def test_keys_are_validated(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    for bad in ("sha256:../../etc/passwd", "sha256:", "nonsense", "SHA256:" + "a" * 64):
+        with pytest.raises(ValueError):
+            cache.get(bad)
+    chunk = Chunk(0, 4, 10, 20, 0, "sha256:../x", "gzip")
+    with pytest.raises(FormatError):
+        chunk_key(chunk, "sha256:" + "b" * 64)
+
+
+def test_positional_keys_for_chunks_without_digest() -> None:
+    blob = "sha256:" + "c" * 64
+    base = Chunk(0, 100, 10, 50, 0, "", "zstd")
+    k = chunk_key(base, blob)
+    assert k.startswith("pos:") and k == chunk_key(base, blob)
+    variants = [
+        Chunk(0, 100, 11, 50, 0, "", "zstd"),
+        Chunk(0, 100, 10, 50, 1, "", "zstd"),
+        Chunk(0, 101, 10, 50, 0, "", "zstd"),
+    ]
+    keys = {chunk_key(v, blob) for v in variants} | {chunk_key(base, "sha256:" + "d" * 64)}
+    assert k not in keys and len(keys) == 4
+    # a chunk with a digest is keyed by it, whatever blob holds it
+    with_digest = Chunk(0, 1, 0, 1, 0, "sha256:" + "e" * 64, "gzip")
+    assert chunk_key(with_digest, blob) == with_digest.digest
+
+
+def test_lru_eviction_keeps_recently_used(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 3000, low_watermark=1.0, touch_interval_s=0.0)
+    blobs = [bytes([i]) * 1000 for i in range(4)]
+    keys = [key_of(b) for b in blobs]
+    for i in range(3):
+        cache.put(keys[i], blobs[i])
+        os.utime(cache.path_for(keys[i]), (1_000_000 + i, 1_000_000 + i))  # distinct ages
+    assert cache.get(keys[0]) == blobs[0]  # a hit makes chunk 0 the most recent
+    cache.put(keys[3], blobs[3])  # over the limit: the oldest (chunk 1) goes
+    assert cache.get(keys[1]) is None
+    assert all(cache.get(k) is not None for k in (keys[0], keys[2], keys[3]))
+    stats = cache.stats()
+    assert stats.evictions == 1 and stats.size_bytes == 3000
+
+
+def test_eviction_down_to_low_watermark(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 10_000, low_watermark=0.5)
+    for i in range(11):
+        data = i.to_bytes(2, "big") * 500
+        cache.put(key_of(data), data)
+        os.utime(cache.path_for(key_of(data)), (1_000_000 + i, 1_000_000 + i))
+    stats = cache.stats()
+    assert stats.size_bytes <= 5000
+    assert sum(p.stat().st_size for p in files_in(tmp_path)) == stats.size_bytes
+    newest = 10 .to_bytes(2, "big") * 500
+    assert cache.get(key_of(newest)) == newest
+
+
+def test_size_is_rebuilt_from_disk_and_oversized_chunks_are_refused(tmp_path: Path) -> None:
+    first = ChunkCache(tmp_path, 10_000)
+    for i in range(3):
+        data = bytes([i]) * 700
+        first.put(key_of(data), data)
+    second = ChunkCache(tmp_path, 10_000)
+    assert second.stats().size_bytes == 2100
+    assert not second.put(key_of(b"z" * 10_001), b"z" * 10_001)
+
+
+def test_stale_temporary_files_are_removed_by_a_scan(tmp_path: Path) -> None:
+    stale = tmp_path / "sha256" / "ab" / ".tmp-1-2-abcd"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"partial")
+    os.utime(stale, (1_000_000, 1_000_000))
+    cache = ChunkCache(tmp_path, 1000)
+    assert not stale.exists() and cache.stats().size_bytes == 0
+
+
+# --- several processes ---------------------------------------------------------------------
+
+
+def _worker(root: str, seed: int, rounds: int) -> tuple[int, int]:
+    """Put and read random chunks in a small shared cache; check every byte read."""
+    cache = ChunkCache(root, 40_000, low_watermark=0.7, touch_interval_s=0.0)
+    rng = random.Random(seed)
+    hits = bad = 0
+    for _ in range(rounds):
+        n = rng.randrange(64)
+        data = n.to_bytes(1, "big") * (1000 + n * 10)
+        key = key_of(data)
+        if rng.random() < 0.5:
+            cache.put(key, data)
+        got = cache.get(key)
+        if got is not None:
+            hits += 1
+            bad += got != data
+        part = cache.read(key, 100, 200)
+        if part is not None:
+            bad += part != data[100:300]
+    return hits, bad
+
+
+def test_concurrent_processes_share_one_directory(tmp_path: Path) -> None:
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=4, mp_context=ctx) as pool:
+        results = list(pool.map(_worker, [str(tmp_path)] * 4, range(4), [400] * 4))
+    assert all(bad == 0 for _, bad in results), results
+    assert sum(hits for hits, _ in results) > 0
+    leftovers = [p for p in files_in(tmp_path) if p.name.startswith(".tmp-")]
+    assert leftovers == []
+    for path in files_in(tmp_path):  # every stored file is complete and matches its name
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == path.name
+    final = ChunkCache(tmp_path, 40_000)
+    data = b"\xff" * 5000
+    final.put(key_of(data), data)
+    assert final.stats().size_bytes <= 40_000

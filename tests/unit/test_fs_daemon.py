@@ -1,0 +1,77 @@
+"""The daemon's configuration file and failure reasons."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from snapshotter.errdefs import (
+    BlobNotFound,
+    ConfigError,
+    DigestMismatch,
+    FormatError,
+    RegistryAuthError,
+    RegistryTimeout,
+)
+from snapshotter.fs.__main__ import main
+from snapshotter.fs.daemon import DaemonConfig, failure_reason, fuse_options
+
+LAYER = {"layer_id": 1, "ref": "localhost:5000/a:b", "digest": "sha256:" + "a" * 64,
+         "skip_verify": True}
+
+
+def test_config_defaults_and_keys() -> None:
+    c = DaemonConfig.from_json(
+        {"cache_dir": "/c", "cache_limit_bytes": 10, "layers": [LAYER]}, "dedicated"
+    )
+    assert (c.entry_timeout, c.attr_timeout, c.log_level, c.allow_other) == (
+        3600.0, 3600.0, "INFO", True)
+    assert c.layers[0].ref == "localhost:5000/a:b" and c.registry == {}
+    full = DaemonConfig.from_json(
+        {"version": 1, "cache_dir": "/c", "cache_limit_bytes": 10, "cache_fsync": True,
+         "registry": {"deadline": 2.0}, "entry_timeout": 5, "attr_timeout": 6.5,
+         "log_level": "debug", "allow_other": False, "fuse_max_tasks": 4, "layers": []},
+        "shared",
+    )
+    assert full.attr_timeout == 6.5 and full.log_level == "DEBUG" and full.layers == ()
+    assert fuse_options(full) == {"fsname=lazysnap", "subtype=lazysnap", "ro",
+                                  "default_permissions"}
+    assert "allow_other" in fuse_options(c)
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode"),
+    [
+        ({"cache_dir": "/c", "cache_limit_bytes": 10}, "dedicated"),  # no layer
+        ({"cache_dir": "/c", "cache_limit_bytes": 10, "surprise": 1}, "shared"),
+        ({"cache_dir": "/c"}, "shared"),
+        ({"cache_dir": "/c", "cache_limit_bytes": 0}, "shared"),
+        ({"cache_dir": "/c", "cache_limit_bytes": True}, "shared"),
+        ({"cache_dir": "/c", "cache_limit_bytes": 1, "log_level": "LOUD"}, "shared"),
+        ({"cache_dir": "/c", "cache_limit_bytes": 1, "version": 2}, "shared"),
+        ({"cache_dir": "/c", "cache_limit_bytes": 1, "layers": [{"layer_id": 1}]}, "shared"),
+        ([], "shared"),
+    ],
+)
+def test_bad_configs_are_config_errors(raw: object, mode: str) -> None:
+    with pytest.raises(ConfigError):
+        DaemonConfig.from_json(raw, mode)
+
+
+def test_failure_reasons() -> None:
+    assert failure_reason(DigestMismatch("x")) == "digest_mismatch"
+    assert failure_reason(FormatError("x")) == "format_error"
+    assert failure_reason(BlobNotFound("x")) == "blob_not_found"
+    assert failure_reason(RegistryAuthError("x")) == "registry_auth"
+    assert failure_reason(RegistryTimeout("x")) == "registry_unavailable"
+    assert failure_reason(ValueError("x")) == "internal"
+
+
+def test_cli_rejects_a_bad_config_file(tmp_path: Path) -> None:
+    path = f"{tmp_path}/conf.json"
+    with open(path, "w") as f:
+        f.write('{"cache_dir": "/c"}')
+    argv = ["--mode", "shared", "--mountpoint", "/m", "--control", "/s", "--config", path]
+    assert main(argv) == 2
+    assert main([*argv[:-1], f"{tmp_path}/missing.json"]) == 2

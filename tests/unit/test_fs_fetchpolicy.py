@@ -1,0 +1,96 @@
+"""Prefetch and background-fetch policy, against a fake bulk fetcher."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+
+from snapshotter.errdefs import RegistryUnavailable
+from snapshotter.formats.index import ROOT_INO, LayerIndex, Node
+from snapshotter.fs.fetchpolicy import (
+    FetchPolicy,
+    FetchProgress,
+    background_nodes,
+    prefetch_nodes,
+)
+from tests.unit.test_fs_fakes import LayerBuilder
+
+LOG = logging.LoggerAdapter(logging.getLogger("test"), {})
+
+
+class Bulk:
+    def __init__(self, fail: BaseException | None = None, hang: bool = False) -> None:
+        self.calls: list[tuple[list[str], int]] = []
+        self.fail = fail
+        self.hang = hang
+
+    async def fetch_all(self, nodes: Iterable[Node], rate_limit_bytes_per_s: int = 0) -> int:
+        nodes = list(nodes)
+        self.calls.append(([str(n.ino) for n in nodes], rate_limit_bytes_per_s))
+        if self.hang:
+            await asyncio.Event().wait()
+        if self.fail is not None:
+            raise self.fail
+        return sum(n.size for n in nodes)
+
+
+def layer() -> tuple[LayerIndex, dict[str, Node]]:
+    b = LayerBuilder()
+    files = {name: b.file(ROOT_INO, name, name.encode() * 10) for name in ("a", "b", "c", "d")}
+    b.file(ROOT_INO, "empty", b"")
+    index, _ = b.build()
+    return index, files
+
+
+def test_prefetch_plan_follows_the_landmarks() -> None:
+    index, f = layer()
+    assert prefetch_nodes(index) == []  # no landmark information: nothing
+    index.prefetch_inos = [f["c"].ino, f["a"].ino, 999]
+    assert prefetch_nodes(index) == [f["c"], f["a"]]
+    index.prefetch_blob_end = f["b"].chunks[0].blob_end  # a and b lie before the landmark
+    assert prefetch_nodes(index) == [f["c"], f["a"], f["b"]]
+    index.no_prefetch = True
+    assert prefetch_nodes(index) == []
+
+
+def test_background_plan_is_every_file_with_data_in_blob_order() -> None:
+    index, f = layer()
+    assert background_nodes(index) == [f["a"], f["b"], f["c"], f["d"]]
+
+
+async def test_prefetch_then_background() -> None:
+    index, f = layer()
+    index.prefetch_inos = [f["b"].ino]
+    bulk, progress = Bulk(), FetchProgress()
+    policy = FetchPolicy(prefetch_timeout_s=30, background=True, background_rate_bytes_per_s=77)
+    await policy.prefetch(bulk, index, progress, LOG)
+    assert progress.prefetch_done and progress.prefetch_error is None
+    await policy.background_fetch(bulk, index, progress, LOG)
+    assert progress.fully_fetched
+    assert bulk.calls == [([str(f["b"].ino)], 0), ([str(f[n].ino) for n in "abcd"], 77)]
+
+
+async def test_prefetch_failures_and_timeouts_only_degrade() -> None:
+    index, f = layer()
+    index.prefetch_inos = [f["a"].ino]
+    progress = FetchProgress()
+    await FetchPolicy(30, False).prefetch(Bulk(fail=RegistryUnavailable("down")), index,
+                                          progress, LOG)
+    assert not progress.prefetch_done and "down" in (progress.prefetch_error or "")
+    progress = FetchProgress()
+    await FetchPolicy(0.01, False).prefetch(Bulk(hang=True), index, progress, LOG)
+    assert not progress.prefetch_done and "timed out" in (progress.prefetch_error or "")
+
+
+async def test_disabled_prefetch_and_background() -> None:
+    index, f = layer()
+    index.prefetch_inos = [f["a"].ino]
+    bulk, progress = Bulk(), FetchProgress()
+    policy = FetchPolicy(prefetch_timeout_s=0, background=False)
+    await policy.prefetch(bulk, index, progress, LOG)
+    await policy.background_fetch(bulk, index, progress, LOG)
+    assert bulk.calls == [] and progress.prefetch_done and not progress.fully_fetched
+    await FetchPolicy(1, True).background_fetch(Bulk(fail=RegistryUnavailable("x")), index,
+                                                progress, LOG)
+    assert not progress.fully_fetched and progress.background_error

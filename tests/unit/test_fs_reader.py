@@ -1,0 +1,183 @@
+"""ChunkReader: ranges across chunks, coalescing, single flight, verification, read-ahead."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+from pathlib import Path
+
+import pytest
+
+from snapshotter.cache.chunkcache import ChunkCache
+from snapshotter.errdefs import DigestMismatch, FormatError, RegistryUnavailable, Unavailable
+from snapshotter.formats.index import ROOT_INO, Chunk, Node, NodeKind
+from snapshotter.fs.reader import ChunkReader
+from tests.unit.test_fs_fakes import FakeFetcher, LayerBuilder, sha256
+
+DATA = bytes(range(256)) * 4 + b"tail"  # 1028 bytes
+
+
+def make(tmp_path: Path, data: bytes = DATA, chunk_size: int = 100, readahead: int = 0
+         ) -> tuple[ChunkReader, FakeFetcher, Node, ChunkCache]:
+    b = LayerBuilder()
+    node = b.file(ROOT_INO, "f", data, chunk_size=chunk_size)
+    _, blob = b.build()
+    fetcher = FakeFetcher(blob)
+    cache = ChunkCache(tmp_path / "cache", 1 << 30)
+    return ChunkReader({"": fetcher}, cache, readahead_chunks=readahead), fetcher, node, cache
+
+
+async def test_any_offset_and_length(tmp_path: Path) -> None:
+    reader, _, node, _ = make(tmp_path)
+    for offset in (0, 1, 99, 100, 101, 250, 999, 1000, 1027):
+        for length in (1, 2, 99, 100, 101, 333, 5000):
+            assert await reader.read(node, offset, length) == DATA[offset : offset + length]
+    assert await reader.read(node, 1028, 10) == b""
+    assert await reader.read(node, 5000, 10) == b""
+    assert await reader.read(node, 10, 0) == b""
+
+
+async def test_missing_chunks_of_one_read_are_fetched_in_one_call(tmp_path: Path) -> None:
+    reader, fetcher, node, _ = make(tmp_path)
+    assert await reader.read(node, 150, 250) == DATA[150:400]  # chunks 1, 2, 3
+    assert fetcher.calls == [[(100, 200), (200, 300), (300, 400)]]
+    assert reader.counters.cache_misses == 3
+    assert reader.counters.fetched_bytes == 300
+    assert reader.counters.served_bytes == 250
+
+
+async def test_cached_chunks_are_never_fetched_again(tmp_path: Path) -> None:
+    reader, fetcher, node, cache = make(tmp_path)
+    assert await reader.read(node, 0, 2000) == DATA
+    calls = len(fetcher.calls)
+    assert await reader.read(node, 0, 2000) == DATA
+    assert await reader.read(node, 555, 10) == DATA[555:565]
+    await reader.wait_idle()  # chunks are stored right after they are served
+    fresh = ChunkReader({"": fetcher}, cache)  # another reader on the same cache
+    assert await fresh.read(node, 0, 2000) == DATA
+    assert len(fetcher.calls) == calls
+    assert fresh.counters.cache_hits == 11 and fresh.counters.fetched_bytes == 0
+
+
+async def test_single_flight(tmp_path: Path) -> None:
+    reader, fetcher, node, _ = make(tmp_path)
+    fetcher.gate = asyncio.Event()
+    reads = [asyncio.create_task(reader.read(node, 10 + i, 20)) for i in range(8)]
+    await fetcher.started.wait()
+    await asyncio.sleep(0)  # let every read register before the fetch completes
+    fetcher.gate.set()
+    results = await asyncio.gather(*reads)
+    assert results == [DATA[10 + i : 30 + i] for i in range(8)]
+    assert fetcher.calls == [[(0, 100)]]
+
+
+async def test_corrupt_chunk_raises_and_is_not_cached(tmp_path: Path) -> None:
+    reader, fetcher, node, cache = make(tmp_path)
+    good = fetcher.blob
+    fetcher.blob = good[:205] + b"X" + good[206:]  # corrupt chunk 2
+    with pytest.raises(DigestMismatch):
+        await reader.read(node, 150, 100)  # chunks 1 and 2
+    await reader.wait_idle()
+    assert not reader.is_cached(node.chunks[2])
+    assert reader.is_cached(node.chunks[1])  # the good chunk of the same fetch is kept
+    fetcher.blob = good
+    assert await reader.read(node, 150, 100) == DATA[150:250]
+    assert fetcher.calls[-1] == [(200, 300)]
+    await reader.wait_idle()
+    assert cache.stats().bytes_stored == 200
+
+
+async def test_fetch_errors_propagate_and_do_not_stick(tmp_path: Path) -> None:
+    reader, fetcher, node, _ = make(tmp_path)
+    fetcher.fail = RegistryUnavailable("registry down")
+    with pytest.raises(RegistryUnavailable):
+        await reader.read(node, 0, 10)
+    fetcher.fail = None
+    assert await reader.read(node, 0, 10) == DATA[:10]
+
+
+async def test_unknown_compression_is_a_format_error(tmp_path: Path) -> None:
+    reader, _, _, _ = make(tmp_path)
+    odd = Node(ino=99, kind=NodeKind.REG, mode=0o644, size=4,
+               chunks=[Chunk(0, 4, 0, 4, 0, sha256(DATA[:4]), "brotli")])
+    with pytest.raises(FormatError, match="brotli"):
+        await reader.read(odd, 0, 4)
+
+
+async def test_gzip_chunks_dispatch_to_the_estargz_decoder(tmp_path: Path) -> None:
+    payload = b"gzip payload " * 100
+    member = gzip.compress(b"skipme" + payload)
+    fetcher = FakeFetcher(b"junk" + member)
+    node = Node(ino=5, kind=NodeKind.REG, mode=0o644, size=len(payload),
+                chunks=[Chunk(0, len(payload), 4, 4 + len(member), 6, sha256(payload), "gzip")])
+    reader = ChunkReader({"": fetcher}, ChunkCache(tmp_path, 1 << 20))
+    assert await reader.read(node, 0, 10_000) == payload
+
+
+async def test_sequential_reads_trigger_read_ahead(tmp_path: Path) -> None:
+    reader, fetcher, node, _ = make(tmp_path, readahead=3)
+    await reader.read(node, 0, 50)
+    await reader.read(node, 50, 50)  # sequential: chunks 1..3 are fetched in the background
+    await reader.wait_idle()
+    assert [node.chunks[i] for i in range(1, 4) if reader.is_cached(node.chunks[i])] == [
+        node.chunks[1], node.chunks[2], node.chunks[3]
+    ]
+    assert not reader.is_cached(node.chunks[4])
+    assert reader.counters.readahead_chunks == 3
+    calls = len(fetcher.calls)
+    assert await reader.read(node, 100, 300) == DATA[100:400]  # all served from the cache
+    await reader.wait_idle()
+    assert reader.counters.readahead_chunks == 6  # the window moved on: chunks 4..6
+    assert len(fetcher.calls) == calls + 3
+
+
+async def test_random_reads_do_not_read_ahead(tmp_path: Path) -> None:
+    reader, fetcher, node, _ = make(tmp_path, readahead=3)
+    for offset in (900, 100, 500, 0):
+        await reader.read(node, offset, 10)
+    await reader.wait_idle()
+    assert reader.counters.readahead_chunks == 0 and len(fetcher.calls) == 4
+
+
+async def test_fetch_all_fills_the_cache_once_and_paces(tmp_path: Path) -> None:
+    sleeps: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    data = b"".join(i.to_bytes(4, "big") * (1 << 18) for i in range(9)) + b"end"
+    b = LayerBuilder()
+    node = b.file(ROOT_INO, "big", data, chunk_size=1 << 20)
+    _, blob = b.build()
+    fetcher = FakeFetcher(blob)
+    reader = ChunkReader({"": fetcher}, ChunkCache(tmp_path, 1 << 30), sleep=fake_sleep)
+    fetched = await reader.fetch_all([node, node], rate_limit_bytes_per_s=1 << 20)
+    assert fetched == len(data)
+    assert len(fetcher.calls) == 3  # 4 MiB batches: 4 + 4 + 2 chunks
+    assert len(sleeps) == 3 and sleeps[-1] > 0  # paced to 1 MiB/s: asks to wait
+    assert all(reader.is_cached(c) for c in node.chunks)
+    assert await reader.fetch_all([node]) == 0
+    assert len(fetcher.calls) == 3
+
+
+async def test_aclose_fails_pending_reads(tmp_path: Path) -> None:
+    reader, fetcher, node, _ = make(tmp_path)
+    fetcher.gate = asyncio.Event()
+    pending = asyncio.create_task(reader.read(node, 0, 10))
+    await fetcher.started.wait()
+    await reader.aclose()
+    with pytest.raises(Unavailable):
+        await pending
+    with pytest.raises(Unavailable):
+        await reader.read(node, 0, 10)
+
+
+async def test_a_malformed_digest_fails_the_read_without_leaving_flights(tmp_path: Path) -> None:
+    reader, _, node, _ = make(tmp_path)
+    good = node.chunks[0]
+    bad = Chunk(100, 100, 100, 200, 0, "sha256:../../escape", "none")
+    odd = Node(ino=98, kind=NodeKind.REG, mode=0o644, size=200, chunks=[good, bad])
+    with pytest.raises(FormatError, match="malformed chunk digest"):
+        await reader.read(odd, 0, 200)
+    assert reader._inflight == {}
+    assert await reader.read(node, 0, 100) == DATA[:100]
