@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import sys
@@ -398,19 +399,13 @@ class DaemonManager:
 
 def daemon_config(config: Config, layers: list[dict[str, Any]]) -> dict[str, Any]:
     """The JSON configuration a daemon process is started with."""
-    reg = config.registry
     return {
         "cache_dir": config.cache_dir,
         "cache_limit_bytes": config.cache.limit_bytes,
-        "log_level": config.log_level,
+        "log_level": config.log_level.upper(),
         "entry_timeout": config.remote.entry_timeout,
         "attr_timeout": config.remote.attr_timeout,
-        "registry": {
-            "mirrors": reg.mirrors, "insecure": reg.insecure, "docker_config": reg.docker_config,
-            "request_timeout": reg.request_timeout, "connect_timeout": reg.connect_timeout,
-            "deadline": reg.deadline, "max_retries": reg.max_retries,
-            "max_concurrency": reg.max_concurrency,
-        },
+        "registry": dataclasses.asdict(config.registry),
         "layers": layers,
     }
 

@@ -23,7 +23,7 @@ from snapshotter.config import Config
 from snapshotter.errdefs import StartupError
 from snapshotter.metastore.store import MetaStore
 from snapshotter.mountutil import mount, unmount
-from snapshotter.snapshot.local import LocalSnapshotter
+from snapshotter.snapshot.remote import RemoteSnapshotter
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class App:
         store = MetaStore(Path(cfg.root) / "metadata.db")
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(store.close)
-            snapshotter = LocalSnapshotter(cfg.root, store, cfg.snapshotter)
+            snapshotter = await self._snapshotter(stack, store)
             service = SnapshotsService(snapshotter)
             server = await start_server(service, cfg.address)
             stack.push_async_callback(stop_server, server, cfg.address)
@@ -82,6 +82,23 @@ class App:
             log.info("lazysnap serving on %s, root %s", cfg.address, cfg.root)
             await self.stop_event.wait()
             log.info("stopping")
+
+    async def _snapshotter(
+        self, stack: contextlib.AsyncExitStack, store: MetaStore
+    ) -> RemoteSnapshotter:
+        """The snapshotter with its remote layers served again (re-attached or restarted)."""
+        from daemon_manager.manager import DaemonManager
+        from snapshotter.remote.registry import RegistryClient
+        from snapshotter.remotefs import LazyLayers, registry_hosts
+
+        cfg = self.config
+        client = RegistryClient(registry_hosts(cfg))
+        stack.push_async_callback(client.aclose)
+        manager = DaemonManager(cfg, store)
+        stack.push_async_callback(manager.aclose)
+        snapshotter = RemoteSnapshotter(cfg, store, LazyLayers(cfg, manager, client))
+        await snapshotter.restore()
+        return snapshotter
 
     def _install_signals(self) -> None:
         loop = asyncio.get_running_loop()

@@ -53,7 +53,7 @@ class RemoteConfig:
     # Bytes per second for the background fetch; 0 means unlimited.
     background_rate: int = 0
     # Chunks fetched ahead of a sequential reader.
-    readahead_chunks: int = 8
+    readahead_chunks: int = 4
     # Seconds the kernel may cache entries and attributes of a remote layer.
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0
@@ -100,10 +100,18 @@ class RegistryConfig:
     request_timeout: float = 30.0
     connect_timeout: float = 5.0
     deadline: float = 60.0
-    # Attempts of one call before it fails.
-    max_retries: int = 5
+    # Retries of one call after its first attempt.
+    max_retries: int = 4
     # Concurrent requests per registry host.
     max_concurrency: int = 8
+    # Send several byte ranges in one request (hosts that refuse get one range each).
+    multi_range: bool = True
+    # Ranges in one multi-range request.
+    max_ranges_per_request: int = 16
+    # Ranges closer than this many bytes are fetched as one.
+    coalesce_gap: int = 65536
+    # Largest single request, bytes; bigger ranges are split.
+    max_request_bytes: int = 8 << 20
 
 
 @dataclass(frozen=True)

@@ -213,8 +213,9 @@ def snapshot_adaptor(name: str, parent: str, kind: str, labels: Mapping[str, str
     """The fields of a snapshot, as containerd's ``adaptSnapshot`` exposes them.
 
     ``kind`` is ``active``, ``view`` or ``committed`` (always present); ``name`` is always
-    present; ``parent`` is present only when non-empty; ``labels.<k>`` looks up the key
-    made by joining the rest of the path with ``.`` (so ``labels.a.b`` and
+    present; ``parent`` is always present, empty for a base snapshot (containerd looks up
+    the remote snapshot of a first layer with ``parent==""``); ``labels.<k>`` looks up the
+    key made by joining the rest of the path with ``.`` (so ``labels.a.b`` and
     ``labels."a.b"`` name the same label). Any other path is absent.
 
     Raises ``ValueError`` for an unknown ``kind`` (a programming error, not user input).
@@ -231,7 +232,7 @@ def snapshot_adaptor(name: str, parent: str, kind: str, labels: Mapping[str, str
         if head == "name":
             return name, True
         if head == "parent":
-            return parent, parent != ""
+            return parent, True
         if head == "labels":
             if not labels:
                 return "", False

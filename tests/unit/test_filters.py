@@ -190,9 +190,16 @@ def test_not_equal_matches_absent_field() -> None:
 
 def test_equal_requires_presence() -> None:
     adapt = snapshot_adaptor("n", "", "active", {})
-    assert not parse('parent==""').match(adapt)
     assert not parse('labels.x==""').match(adapt)
     assert parse('labels.x==""').match(snapshot_adaptor("n", "", "active", {"x": ""}))
+
+
+def test_remote_lookup_of_a_first_layer_matches_empty_parent() -> None:
+    # containerd 1.6 metadata.createSnapshot looks a first-layer remote snapshot up so.
+    labels = {"containerd.io/snapshot.ref": "sha256:abc"}
+    flt = parse('labels."containerd.io/snapshot.ref"==sha256:abc,parent==""')
+    assert flt.match(snapshot_adaptor("sha256:abc", "", "committed", labels))
+    assert not flt.match(snapshot_adaptor("sha256:abc", "p", "committed", labels))
 
 
 def test_regex_is_tested_against_absent_value() -> None:
@@ -207,7 +214,7 @@ def test_presence() -> None:
     assert parse('labels."a.b"').match(adapt)
     assert parse("labels.c,name,kind").match(adapt)
     assert not parse("labels.d").match(adapt)
-    assert not parse("parent").match(adapt)
+    assert parse("parent").match(adapt)  # containerd: parent is always present
     assert not parse("bogus").match(adapt)
 
 
@@ -352,9 +359,9 @@ def test_snapshot_adaptor_fields() -> None:
     assert adapt([]) == ("", False)
 
 
-def test_snapshot_adaptor_absent_parent_and_empty_name() -> None:
+def test_snapshot_adaptor_empty_parent_and_empty_name() -> None:
     adapt = snapshot_adaptor("", "", "committed", {})
-    assert adapt(["parent"]) == ("", False)
+    assert adapt(["parent"]) == ("", True)
     assert adapt(["name"]) == ("", True)
     assert adapt(["labels", ""]) == ("", False)
 

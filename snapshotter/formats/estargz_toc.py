@@ -1,0 +1,303 @@
+"""The eStargz TOC (``stargz.index.json``): strict JSON decoding into ``TocEntry`` values.
+
+``parse_toc`` checks every field's type and range and normalises names; it knows
+nothing about trees. ``estargz_tree.build_index`` turns the entries into a
+``LayerIndex``. Both raise only FormatError, with a message naming the bad entry.
+
+Decoding follows Go's ``encoding/json`` as stargz uses it: unknown keys are ignored, a
+``null`` value means "absent", integers must be JSON integers (no ``1.0``, no ``true``),
+``xattrs`` values are base64, and lone UTF-16 surrogates in strings become U+FFFD.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime as dt
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from snapshotter.errdefs import FormatError
+from snapshotter.formats.index import MAX_NAME_BYTES
+
+DEFAULT_MAX_ENTRIES = 1_000_000
+"""Refuse TOCs with more entries than this (a real layer has at most tens of thousands)."""
+
+ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
+_INT64_MAX = (1 << 63) - 1
+_UINT32_MAX = (1 << 32) - 1
+_PATH_MAX = 4096
+_XATTR_NAME_MAX = 255
+_XATTR_SIZE_MAX = 65536
+_DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?"
+    r"(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+
+
+@dataclass(slots=True)
+class TocEntry:
+    """One decoded, validated TOC entry.
+
+    ``name`` and ``link_name`` are normalised (see ``clean_name``); ``""`` is the layer
+    root. ``symlink_target`` is the symlink's ``linkName`` verbatim. ``index`` is the
+    entry's position in the TOC. ``next_offset`` is filled in by ``parse_toc`` for
+    ``reg``/``chunk`` entries (the compressed end of the range holding their payload).
+    """
+
+    index: int
+    name: str
+    type: str
+    size: int = 0
+    mtime_ns: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    link_name: str = ""
+    symlink_target: bytes = b""
+    offset: int = 0
+    inner_offset: int = 0
+    next_offset: int = 0
+    dev_major: int = 0
+    dev_minor: int = 0
+    xattrs: dict[str, bytes] = field(default_factory=dict)
+    digest: str = ""
+    chunk_offset: int = 0
+    chunk_size: int = 0
+    chunk_digest: str = ""
+
+
+def clean_name(raw: str, what: str = "name") -> str:
+    """Normalise a TOC path like stargz: ``path.Clean("/" + raw)`` minus the leading ``/``.
+
+    Absolute names land inside the layer (``/etc/x`` -> ``etc/x``), ``.`` and empty
+    components vanish, ``a/../b`` -> ``b``, and ``""``/``.``/``/`` name the root.
+    Stricter than stargz, a ``..`` that would climb above the layer root (``../x``) is
+    refused rather than clamped. Raises FormatError for that, for NUL, and for a
+    component longer than 255 bytes.
+    """
+    if "\0" in raw:
+        raise FormatError(f"{what} {raw[:80]!r} contains NUL")
+    parts: list[str] = []
+    for part in raw.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts:
+                raise FormatError(f"{what} {raw[:80]!r} escapes the layer root")
+            parts.pop()
+            continue
+        if len(part.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+            raise FormatError(f"{what} {raw[:80]!r}: component over {MAX_NAME_BYTES} bytes")
+        parts.append(part)
+    return "/".join(parts)
+
+
+def _text(value: str) -> str:
+    """Replace lone surrogates (invalid UTF-16 escapes in JSON) with U+FFFD, as Go does."""
+    return _SURROGATE.sub("\ufffd", value)
+
+
+class _Fields:
+    """Typed accessors over one JSON object; errors name the entry."""
+
+    def __init__(self, obj: dict[str, Any], where: str) -> None:
+        self.obj = obj
+        self.where = where
+
+    def fail(self, message: str) -> FormatError:
+        return FormatError(f"{self.where}: {message}")
+
+    def string(self, key: str) -> str:
+        value = self.obj.get(key)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise self.fail(f"{key!r} must be a string, not {type(value).__name__}")
+        return _text(value)
+
+    def integer(self, key: str, maximum: int = _INT64_MAX) -> int:
+        value = self.obj.get(key)
+        if value is None:
+            return 0
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.fail(f"{key!r} must be an integer, not {type(value).__name__}")
+        if not 0 <= value <= maximum:
+            raise self.fail(f"{key!r} = {value} is out of range [0, {maximum}]")
+        return value
+
+    def digest(self, key: str) -> str:
+        value = self.string(key)
+        if value and not _DIGEST.fullmatch(value):
+            raise self.fail(f"{key!r} = {value[:80]!r} is not a sha256/sha512 digest")
+        return value
+
+    def mtime_ns(self) -> int:
+        value = self.string("modtime")
+        if not value:
+            return 0
+        match = _RFC3339.fullmatch(value)
+        if match is None:
+            raise self.fail(f"modtime {value[:40]!r} is not RFC 3339")
+        year, month, day, hour, minute, sec, frac, _z, sign, tzh, tzm = match.groups()
+        try:
+            if int(tzm or 0) > 59:
+                raise ValueError("zone offset minutes out of range")
+            offset = dt.timedelta(hours=int(tzh or 0), minutes=int(tzm or 0))
+            tz = dt.timezone(-offset if sign == "-" else offset)
+            when = dt.datetime(int(year), int(month), int(day), int(hour), int(minute),
+                               int(sec), tzinfo=tz)
+        except ValueError as exc:
+            raise self.fail(f"modtime {value!r}: {exc}") from None
+        delta = when - _EPOCH
+        seconds = delta.days * 86400 + delta.seconds
+        return seconds * 1_000_000_000 + int((frac or "0").ljust(9, "0"))
+
+    def xattrs(self) -> dict[str, bytes]:
+        value = self.obj.get("xattrs")
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail("'xattrs' must be an object")
+        out: dict[str, bytes] = {}
+        for key, encoded in value.items():
+            key = _text(key)
+            if not key or "\0" in key or len(key.encode()) > _XATTR_NAME_MAX:
+                raise self.fail(f"invalid xattr name {key[:80]!r}")
+            if encoded is None:
+                out[key] = b""
+                continue
+            if not isinstance(encoded, str):
+                raise self.fail(f"xattr {key!r} value must be a base64 string")
+            try:
+                decoded = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise self.fail(f"xattr {key!r} value is not valid base64") from None
+            if len(decoded) > _XATTR_SIZE_MAX:
+                raise self.fail(f"xattr {key!r} value is over {_XATTR_SIZE_MAX} bytes")
+            out[key] = decoded
+        return out
+
+
+def _decode_entry(index: int, obj: object, blob_size: int) -> TocEntry:
+    if not isinstance(obj, dict):
+        raise FormatError(f"TOC entry #{index} is not an object")
+    f = _Fields(obj, f"TOC entry #{index}")
+    raw_name = f.string("name")
+    f.where = f"TOC entry #{index} ({raw_name[:80]!r})"
+    kind = f.string("type")
+    if kind not in ENTRY_TYPES:
+        raise f.fail(f"unknown type {kind[:20]!r}")
+    entry = TocEntry(
+        index=index,
+        name=clean_name(raw_name),
+        type=kind,
+        size=f.integer("size"),
+        mtime_ns=f.mtime_ns(),
+        mode=f.integer("mode") & 0o7777,
+        uid=f.integer("uid", _UINT32_MAX),
+        gid=f.integer("gid", _UINT32_MAX),
+        offset=f.integer("offset"),
+        inner_offset=f.integer("innerOffset"),
+        dev_major=f.integer("devMajor", _UINT32_MAX),
+        dev_minor=f.integer("devMinor", _UINT32_MAX),
+        xattrs=f.xattrs(),
+        digest=f.digest("digest"),
+        chunk_offset=f.integer("chunkOffset"),
+        chunk_size=f.integer("chunkSize"),
+        chunk_digest=f.digest("chunkDigest"),
+    )
+    if entry.offset and entry.offset >= blob_size:
+        raise f.fail(f"offset {entry.offset} is past the blob end {blob_size}")
+    _decode_link(f, entry)
+    return entry
+
+
+def _decode_link(f: _Fields, entry: TocEntry) -> None:
+    link = f.string("linkName")
+    if entry.type == "hardlink":
+        if not link:
+            raise f.fail("hardlink without linkName")
+        entry.link_name = clean_name(link, "hardlink target")
+    elif entry.type == "symlink":
+        target = link.encode("utf-8", "surrogateescape")
+        if not target or b"\0" in target or len(target) >= _PATH_MAX:
+            raise f.fail(f"invalid symlink target {link[:80]!r}")
+        entry.symlink_target = target
+
+
+class _TooManyObjects(Exception):
+    """Internal: aborts JSON decoding early; never escapes this module."""
+
+
+def _load_json(json_bytes: bytes, max_objects: int) -> dict[str, Any]:
+    """Decode JSON, refusing NaN/Infinity and more than ``max_objects`` objects.
+
+    Counting objects while decoding bounds memory before the entry count can be checked:
+    tiny entries (``{},``) would otherwise cost ~20 million dicts per 64 MiB of JSON.
+    """
+    objects = 0
+
+    def count_object(obj: dict[str, Any]) -> dict[str, Any]:
+        nonlocal objects
+        objects += 1
+        if objects > max_objects:
+            raise _TooManyObjects
+        return obj
+
+    def reject_constant(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        doc = json.loads(json_bytes, parse_constant=reject_constant, object_hook=count_object)
+    except _TooManyObjects:
+        raise FormatError(f"TOC has more than {max_objects} JSON objects") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise FormatError(f"TOC is not valid JSON: {str(exc)[:200]}") from None
+    if not isinstance(doc, dict):
+        raise FormatError("TOC JSON is not an object")
+    return doc
+
+
+def parse_toc(
+    json_bytes: bytes, blob_size: int, *, max_entries: int = DEFAULT_MAX_ENTRIES
+) -> list[TocEntry]:
+    """Decode and validate the TOC JSON of a blob of ``blob_size`` compressed bytes.
+
+    Checks ``version == 1``, the type and range of every field, names (see
+    ``clean_name``), that payload offsets are inside the blob, and computes each
+    ``reg``/``chunk`` entry's ``next_offset`` by walking backwards from ``blob_size``
+    (protocol-reference §4.3). Raises FormatError for bad JSON, a wrong version, more
+    than ``max_entries`` entries, or any malformed entry.
+    """
+    # Each entry is one object, plus one for its xattrs, plus the document itself.
+    doc = _load_json(json_bytes, 2 * max_entries + 1)
+    version = doc.get("version")
+    if isinstance(version, bool) or version != 1:
+        raise FormatError(f"unsupported TOC version {str(version)[:20]!r} (want 1)")
+    raw_entries = doc.get("entries")
+    if raw_entries is None:
+        raw_entries = []
+    if not isinstance(raw_entries, list):
+        raise FormatError("TOC 'entries' is not a list")
+    if len(raw_entries) > max_entries:
+        raise FormatError(f"TOC has {len(raw_entries)} entries, over the limit {max_entries}")
+    entries = [_decode_entry(i, obj, blob_size) for i, obj in enumerate(raw_entries)]
+    _set_next_offsets(entries, blob_size)
+    return entries
+
+
+def _set_next_offsets(entries: list[TocEntry], blob_size: int) -> None:
+    """Give each payload entry the end of its compressed range (stargz ``nextOffset``)."""
+    last = blob_size
+    for entry in reversed(entries):
+        if entry.type not in ("reg", "chunk"):
+            continue
+        entry.next_offset = last
+        if entry.offset and not entry.inner_offset:
+            last = entry.offset

@@ -1,0 +1,329 @@
+"""Build a ``LayerIndex`` from eStargz TOC entries (the layer as the FUSE daemon shows it).
+
+Rules (protocol-reference §3.4, §4.3, §4.4), applied in TOC order:
+
+* Names are normalised by ``estargz_toc.clean_name``; an entry named like the root
+  (``./``) must be a ``dir`` and sets the root's metadata.
+* Missing parent directories are created implicitly (mode 0755, uid/gid 0, mtime 0).
+* A later entry with an existing name replaces the earlier one, as tar extraction does:
+  ``dir`` over ``dir`` updates the metadata and keeps the children; anything over a
+  non-directory replaces it (hard links made earlier keep the old inode); a
+  non-directory over a directory, or a path through a non-directory, is a FormatError.
+* ``chunk`` entries belong to the ``reg`` entry before them; a ``chunk`` after anything
+  else is a FormatError. Chunk sizes follow stargz: ``chunkSize`` 0 means "to the next
+  chunk" (or to the end of the file for the last one).
+* ``hardlink`` entries name an earlier entry (after normalisation) that is not a
+  directory; they add a name to that inode. ``nlink`` counts names (directories: 2 plus
+  subdirectories).
+* ``.wh.NAME`` becomes a character device 0/0 (mode 0, owner/mtime of the whiteout entry)
+  named NAME unless a real NAME exists in that directory at the end; ``.wh..wh..opq``
+  sets ``trusted.overlay.opaque = y`` on its directory; other ``.wh..wh.*`` names are
+  AUFS metadata and are dropped with everything under them; a whiteout name used as a
+  directory is a FormatError.
+* At the layer root ``stargz.index.json``, ``.prefetch.landmark`` and
+  ``.no.prefetch.landmark`` are hidden (they must be regular files). The landmarks give
+  the prefetch plan (see ``_TreeBuilder._plan_prefetch``); ``.no.prefetch.landmark``
+  wins when both are present, as in stargz.
+* Inode numbers: root is 1, then one number per created node in TOC order, so the same
+  TOC always gives the same numbers. Nodes left without a name are dropped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from snapshotter.errdefs import FormatError
+from snapshotter.formats.estargz_toc import DEFAULT_MAX_ENTRIES, TocEntry, parse_toc
+from snapshotter.formats.index import ROOT_INO, Chunk, LayerIndex, Node, NodeKind, check_name
+
+TOC_TAR_NAME = "stargz.index.json"
+PREFETCH_LANDMARK = ".prefetch.landmark"
+NO_PREFETCH_LANDMARK = ".no.prefetch.landmark"
+OPAQUE_XATTR = "trusted.overlay.opaque"
+_WHITEOUT = ".wh."
+_WHITEOUT_META = ".wh..wh."
+_OPAQUE = ".wh..wh..opq"
+_HIDDEN_AT_ROOT = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+_KINDS = {
+    "reg": NodeKind.REG,
+    "symlink": NodeKind.SYMLINK,
+    "char": NodeKind.CHAR,
+    "block": NodeKind.BLOCK,
+    "fifo": NodeKind.FIFO,
+}
+
+
+def build_index(
+    json_bytes: bytes, blob_size: int, *, max_entries: int = DEFAULT_MAX_ENTRIES
+) -> LayerIndex:
+    """Parse TOC JSON of a blob of ``blob_size`` bytes into a validated ``LayerIndex``.
+
+    The result has format ``"estargz"``; every regular file's chunks carry their
+    compressed range ``[blob_offset, blob_end)``, ``inner_offset``, size and digest
+    (compression ``gzip``). A chunk without its own ``chunkDigest`` inherits the file's
+    ``digest`` when it is the file's only chunk, else its digest is ``""``.
+
+    Raises FormatError for malformed JSON or entries (see ``estargz_toc.parse_toc``) and
+    for the structural errors listed in the module docstring.
+    """
+    return index_from_entries(parse_toc(json_bytes, blob_size, max_entries=max_entries),
+                              blob_size)
+
+
+def index_from_entries(entries: list[TocEntry], blob_size: int) -> LayerIndex:
+    """``build_index`` for entries already decoded by ``parse_toc`` (same rules, errors)."""
+    builder = _TreeBuilder(blob_size)
+    for entry, chunks in _group_chunks(entries):
+        builder.add(entry, chunks)
+    return builder.finish()
+
+
+def _group_chunks(entries: list[TocEntry]) -> list[tuple[TocEntry, list[TocEntry]]]:
+    groups: list[tuple[TocEntry, list[TocEntry]]] = []
+    for entry in entries:
+        if entry.type != "chunk":
+            groups.append((entry, []))
+        elif groups and groups[-1][0].type == "reg":
+            groups[-1][1].append(entry)
+        else:
+            raise FormatError(f"TOC entry #{entry.index}: chunk does not follow a reg entry")
+    return groups
+
+
+def make_chunks(entry: TocEntry, extra: list[TocEntry]) -> list[Chunk]:
+    """The chunks of regular file ``entry`` and its following ``chunk`` entries.
+
+    Raises FormatError if they do not tile ``[0, size)`` in order, or a chunk has no
+    payload offset or an empty compressed range.
+    """
+    where = f"regular file {entry.name!r} (TOC entry #{entry.index})"
+    if entry.size == 0:
+        if extra:
+            raise FormatError(f"{where}: empty file with chunk entries")
+        return []
+    parts = [entry, *extra]
+    chunks: list[Chunk] = []
+    pos = 0
+    for i, part in enumerate(parts):
+        if part.chunk_offset != pos:
+            raise FormatError(f"{where}: chunk at {part.chunk_offset}, expected {pos}")
+        if part.chunk_size:
+            size = part.chunk_size
+        elif i + 1 < len(parts):
+            size = parts[i + 1].chunk_offset - pos
+        else:
+            size = entry.size - pos
+        if size <= 0 or pos + size > entry.size:
+            raise FormatError(f"{where}: chunk at {pos} has invalid size {size}")
+        if not part.offset and not part.inner_offset:
+            raise FormatError(f"{where}: chunk at {pos} has no payload offset")
+        if part.offset >= part.next_offset:
+            raise FormatError(
+                f"{where}: chunk at {pos} has an empty compressed range "
+                f"[{part.offset}, {part.next_offset}) (offsets out of order?)"
+            )
+        digest = part.chunk_digest or (entry.digest if len(parts) == 1 else "")
+        chunks.append(Chunk(pos, size, part.offset, part.next_offset, part.inner_offset,
+                            digest, "gzip"))
+        pos += size
+    if pos != entry.size:
+        raise FormatError(f"{where}: chunks cover {pos} of {entry.size} bytes")
+    return chunks
+
+
+def _is_meta(name: str) -> bool:
+    """True for AUFS metadata (``.wh..wh.*`` other than a final opaque marker)."""
+    parts = name.split("/")
+    if any(p.startswith(_WHITEOUT_META) for p in parts[:-1]):
+        return True
+    return parts[-1].startswith(_WHITEOUT_META) and parts[-1] != _OPAQUE
+
+
+@dataclass(slots=True)
+class _TreeBuilder:
+    blob_size: int
+    nodes: dict[int, Node] = field(default_factory=dict)
+    dirs: dict[str, int] = field(default_factory=dict)
+    next_ino: int = ROOT_INO + 1
+    opaque: dict[int, None] = field(default_factory=dict)
+    whiteouts: dict[tuple[int, str], int] = field(default_factory=dict)
+    regs: list[int] = field(default_factory=list)
+    landmark: TocEntry | None = None
+    no_prefetch: bool = False
+
+    def __post_init__(self) -> None:
+        self.nodes[ROOT_INO] = Node(ROOT_INO, NodeKind.DIR, 0o755, parent=ROOT_INO)
+        self.dirs[""] = ROOT_INO
+
+    def _new(self, kind: NodeKind, entry: TocEntry | None, parent: int) -> Node:
+        node = Node(self.next_ino, kind, 0o755 if entry is None else entry.mode, parent=parent)
+        if entry is not None:
+            node.uid, node.gid, node.mtime_ns = entry.uid, entry.gid, entry.mtime_ns
+            node.xattrs = dict(entry.xattrs)
+        self.nodes[node.ino] = node
+        self.next_ino += 1
+        return node
+
+    def add(self, entry: TocEntry, chunks: list[TocEntry]) -> None:
+        """Apply one TOC entry (with its chunk entries) to the tree."""
+        where = f"TOC entry #{entry.index} ({entry.name!r})"
+        if not entry.name:
+            if entry.type != "dir":
+                raise FormatError(f"{where}: the layer root must be a directory")
+            self._set_dir_meta(self.nodes[ROOT_INO], entry)
+            return
+        parent_path, _, base = entry.name.rpartition("/")
+        if not parent_path and base in _HIDDEN_AT_ROOT:
+            self._hidden(entry, base, where)
+            return
+        if _is_meta(entry.name):
+            return
+        if any(p.startswith(_WHITEOUT) for p in parent_path.split("/")):
+            raise FormatError(f"{where}: a whiteout name is used as a directory")
+        parent = self._ensure_dir(parent_path, where)
+        if base == _OPAQUE:
+            self.opaque[parent] = None
+        elif base.startswith(_WHITEOUT):
+            self._whiteout(entry, parent, base[len(_WHITEOUT) :], where)
+        elif entry.type == "dir":
+            self._add_dir(entry, parent, parent_path, base, where)
+        elif entry.type == "hardlink":
+            self._link(parent, base, self._hardlink_target(entry, where), where)
+        else:
+            node = self._new(_KINDS[entry.type], entry, parent)
+            self._fill(node, entry, chunks)
+            self._link(parent, base, node.ino, where)
+
+    def _fill(self, node: Node, entry: TocEntry, chunks: list[TocEntry]) -> None:
+        if node.kind is NodeKind.REG:
+            node.size, node.digest = entry.size, entry.digest
+            node.chunks = make_chunks(entry, chunks)
+            self.regs.append(node.ino)
+        elif node.kind is NodeKind.SYMLINK:
+            node.link_target = entry.symlink_target
+            node.size = len(entry.symlink_target)
+        elif node.kind in (NodeKind.CHAR, NodeKind.BLOCK):
+            node.rdev_major, node.rdev_minor = entry.dev_major, entry.dev_minor
+
+    def _hidden(self, entry: TocEntry, base: str, where: str) -> None:
+        if entry.type != "reg":
+            raise FormatError(f"{where}: {base} must be a regular file")
+        if base == PREFETCH_LANDMARK:
+            self.landmark = entry
+        elif base == NO_PREFETCH_LANDMARK:
+            self.no_prefetch = True
+
+    def _ensure_dir(self, path: str, where: str) -> int:
+        """The inode of directory ``path``, creating missing directories on the way."""
+        found = self.dirs.get(path)
+        if found is not None:
+            return found
+        cur, prefix = ROOT_INO, ""
+        for comp in path.split("/"):
+            prefix = f"{prefix}/{comp}" if prefix else comp
+            known = self.dirs.get(prefix)
+            if known is not None:
+                cur = known
+                continue
+            if comp in self.nodes[cur].children:
+                raise FormatError(f"{where}: parent {prefix!r} is not a directory")
+            node = self._new(NodeKind.DIR, None, cur)
+            self.nodes[cur].children[comp] = node.ino
+            self.dirs[prefix] = cur = node.ino
+        return cur
+
+    def _add_dir(self, entry: TocEntry, parent: int, parent_path: str, base: str,
+                 where: str) -> None:
+        path = f"{parent_path}/{base}" if parent_path else base
+        existing = self.dirs.get(path)
+        if existing is not None:
+            self._set_dir_meta(self.nodes[existing], entry)
+            return
+        node = self._new(NodeKind.DIR, entry, parent)
+        self._link(parent, base, node.ino, where)
+        self.dirs[path] = node.ino
+
+    @staticmethod
+    def _set_dir_meta(node: Node, entry: TocEntry) -> None:
+        node.mode, node.uid, node.gid = entry.mode, entry.uid, entry.gid
+        node.mtime_ns, node.xattrs = entry.mtime_ns, dict(entry.xattrs)
+
+    def _link(self, parent: int, name: str, ino: int, where: str) -> None:
+        children = self.nodes[parent].children
+        old = children.get(name)
+        if old is not None and self.nodes[old].kind is NodeKind.DIR:
+            raise FormatError(f"{where}: a non-directory replaces directory {name!r}")
+        children[name] = ino
+
+    def _hardlink_target(self, entry: TocEntry, where: str) -> int:
+        parent_path, _, base = entry.link_name.rpartition("/")
+        parent = self.dirs.get(parent_path)
+        target = None if parent is None else self.nodes[parent].children.get(base)
+        if target is None or not entry.link_name:
+            raise FormatError(f"{where}: hardlink target {entry.link_name!r} does not exist")
+        if self.nodes[target].kind is NodeKind.DIR:
+            raise FormatError(f"{where}: hardlink target {entry.link_name!r} is a directory")
+        return target
+
+    def _whiteout(self, entry: TocEntry, parent: int, name: str, where: str) -> None:
+        try:
+            check_name(name)
+        except FormatError:
+            raise FormatError(f"{where}: whiteout for an invalid name {name!r}") from None
+        node = self._new(NodeKind.CHAR, entry, parent)
+        node.mode, node.xattrs = 0, {}
+        self.whiteouts[(parent, name)] = node.ino
+
+    def finish(self) -> LayerIndex:
+        """Resolve whiteouts and opaque markers, count links, plan prefetch, validate."""
+        for (parent, name), ino in self.whiteouts.items():
+            self.nodes[parent].children.setdefault(name, ino)
+        for ino in self.opaque:
+            self.nodes[ino].xattrs[OPAQUE_XATTR] = b"y"
+        self._count_links()
+        index = LayerIndex(self.nodes, "estargz", blob_size=self.blob_size)
+        if self.no_prefetch:
+            index.no_prefetch = True
+        elif self.landmark is not None:
+            self._plan_prefetch(index, self.landmark)
+        index.validate()
+        return index
+
+    def _plan_prefetch(self, index: LayerIndex, landmark: TocEntry) -> None:
+        """Prefetch the files whose data precede the landmark in the blob.
+
+        "Precede" compares ``(offset, innerOffset)``, so payloads that share the
+        landmark's gzip member (written with a minimum chunk size) count. The range is
+        ``[0, landmark offset)`` as in stargz, extended to the end of the landmark's
+        member when it shares one, since that member holds prioritised data too.
+        """
+        mark = (landmark.offset, landmark.inner_offset)
+        index.prefetch_blob_end = landmark.next_offset if landmark.inner_offset else landmark.offset
+        index.prefetch_inos = [
+            ino
+            for ino in self.regs
+            if ino in self.nodes
+            and self.nodes[ino].chunks
+            and (self.nodes[ino].chunks[0].blob_offset, self.nodes[ino].chunks[0].inner_offset)
+            < mark
+        ]
+
+    def _count_links(self) -> None:
+        """Set every ``nlink`` from the directory entries; drop nodes without a name."""
+        links = dict.fromkeys(self.nodes, 0)
+        links[ROOT_INO] = 1
+        for node in self.nodes.values():
+            if node.kind is NodeKind.DIR:
+                for child in node.children.values():
+                    links[child] += 1
+        for ino, count in links.items():
+            if count == 0:
+                del self.nodes[ino]
+        for node in self.nodes.values():
+            if node.kind is NodeKind.DIR:
+                subdirs = sum(
+                    1 for c in node.children.values() if self.nodes[c].kind is NodeKind.DIR
+                )
+                node.nlink = 2 + subdirs
+            else:
+                node.nlink = links[node.ino]

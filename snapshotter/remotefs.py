@@ -1,0 +1,173 @@
+"""LazyLayers: the ``RemoteFS`` that mounts eStargz layers through FUSE daemons.
+
+The decision for one layer, in order (each "no" is a ``RemoteLayerError`` whose reason is
+the token in brackets; Prepare then falls back to an ordinary pull):
+  1. the labels name a source: ``cri.image-ref`` + ``cri.layer-digest`` or
+     ``stargz.reference`` + ``stargz.digest``                          [no_source]
+  2. a TOC digest label is present, or verification is off by config, or the client set
+     ``stargz.skipverify`` and config allows unverified layers          [no_toc_digest]
+  3. the blob's footer is an eStargz footer                             [not_estargz]
+  4. the TOC is well-formed and every name stays inside the layer       [invalid_toc]
+  5. the TOC hashes to the label's digest                               [digest_mismatch]
+  6. the daemon mounts the layer and finishes prefetch in time          [daemon_error]
+Registry failures map to [blob_not_found], [registry_auth], [timeout], [registry_error].
+The whole check is bounded by ``remote.mount_timeout``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Mapping
+from typing import Any
+
+from daemon_manager.manager import DaemonManager
+from snapshotter import labels as L
+from snapshotter.config import Config
+from snapshotter.errdefs import (
+    BlobNotFound,
+    DaemonError,
+    DigestMismatch,
+    FormatError,
+    LazysnapError,
+    RegistryAuthError,
+    RegistryError,
+    RegistryTimeout,
+    RemoteLayerError,
+)
+from snapshotter.formats import estargz
+from snapshotter.remote.base import BlobFetcher
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.registry import RegistryClient
+
+log = logging.getLogger(__name__)
+
+
+def registry_hosts(config: Config) -> HostsConfig:
+    """The registry client's host configuration from lazysnap's ``[registry]`` table."""
+    reg = config.registry
+    table: dict[str, Any] = {
+        "mirrors": reg.mirrors, "insecure": reg.insecure,
+        "request_timeout": reg.request_timeout, "connect_timeout": reg.connect_timeout,
+        "deadline": reg.deadline, "max_retries": reg.max_retries,
+        "max_concurrency": reg.max_concurrency, "multi_range": reg.multi_range,
+        "max_ranges_per_request": reg.max_ranges_per_request,
+        "coalesce_gap": reg.coalesce_gap, "max_request_bytes": reg.max_request_bytes,
+    }
+    if reg.docker_config:
+        table["docker_config"] = reg.docker_config
+    return HostsConfig.from_dict(table)
+
+
+class LazyLayers:
+    """Decides, checks and mounts remote layers; see the module docstring."""
+
+    def __init__(self, config: Config, manager: DaemonManager, client: RegistryClient) -> None:
+        self.config = config
+        self.manager = manager
+        self.client = client
+
+    async def mount(self, sid: int, mountpoint: str, labels: Mapping[str, str]) -> str:
+        source = L.layer_source(labels)
+        if source is None:
+            raise RemoteLayerError("no_source", "the labels name no image reference and digest")
+        ref, digest = source
+        expected = self._expected_toc_digest(labels)
+        timeout = self.config.remote.mount_timeout
+        try:
+            fetcher = self.client.open_blob(ref, digest)
+            toc_digest = await asyncio.wait_for(self._check_estargz(fetcher, expected), timeout)
+        except TimeoutError:
+            raise RemoteLayerError("timeout", f"layer check took over {timeout:.0f}s") from None
+        except LazysnapError as e:
+            raise _classify(e) from e
+        spec = self._spec(sid, ref, digest, toc_digest)
+        try:
+            await self.manager.mount(sid, mountpoint, spec)
+        except (DaemonError, OSError) as e:
+            raise RemoteLayerError("daemon_error", str(e)) from e
+        return "estargz"
+
+    def _expected_toc_digest(self, labels: Mapping[str, str]) -> str | None:
+        """The TOC digest to verify against, None when unverified mounting is allowed."""
+        remote = self.config.remote
+        if remote.disable_verification:
+            return None
+        label = labels.get(L.TOC_DIGEST, "")
+        if label:
+            return label
+        if L.skip_verify(labels) and remote.allow_no_verification:
+            return None
+        raise RemoteLayerError(
+            "no_toc_digest",
+            f"no {L.TOC_DIGEST} label (unverified layers need stargz.skipverify and"
+            " remote.allow_no_verification = true)",
+        )
+
+    async def _check_estargz(self, fetcher: BlobFetcher, expected: str | None) -> str:
+        """Fetch footer and TOC, check them; return the TOC's digest. Typed errors only."""
+        size = await fetcher.size()
+        tail_len = min(estargz.FOOTER_MAX, size)
+        if tail_len <= 0:
+            raise RemoteLayerError("not_estargz", "the blob is empty")
+        (tail,) = await fetcher.fetch([(size - tail_len, size)])
+        try:
+            footer = estargz.parse_footer(tail)
+        except FormatError as e:
+            raise RemoteLayerError("not_estargz", f"not an eStargz blob: {e}") from e
+        start, end = footer.toc_range(size)
+        (member,) = await fetcher.fetch([(start, end)])
+        toc = estargz.extract_toc(member, self.config.remote.max_toc_bytes)
+        if expected is not None:
+            estargz.verify_toc(toc, expected)
+        estargz.build_index(toc, size)
+        return estargz.toc_digest(toc)
+
+    def _spec(self, sid: int, ref: str, digest: str, toc_digest: str | None) -> dict[str, Any]:
+        """The daemon's LayerSpec; with no TOC digest the daemon skips verification."""
+        remote = self.config.remote
+        return {
+            "layer_id": sid, "ref": ref, "digest": digest, "toc_digest": toc_digest,
+            "skip_verify": toc_digest is None, "format": "estargz",
+            "prefetch_timeout_s": remote.prefetch_timeout,
+            "background_fetch": remote.background_fetch,
+            "background_rate_bytes_per_s": remote.background_rate,
+            "readahead_chunks": remote.readahead_chunks,
+        }
+
+    def check(self, sid: int) -> None:
+        self.manager.check(sid)
+
+    async def unmount(self, sid: int) -> None:
+        await self.manager.unmount(sid)
+
+    async def restore(self, remote: dict[int, tuple[str, Mapping[str, str]]]) -> None:
+        wanted: dict[int, tuple[str, dict[str, Any]]] = {}
+        for sid, (mountpoint, labels) in remote.items():
+            source = L.layer_source(labels)
+            if source is None:
+                log.error("remote snapshot %d has no source labels; cannot serve it", sid)
+                continue
+            toc = labels.get(L.TOC_DIGEST) or None
+            wanted[sid] = (mountpoint, self._spec(sid, source[0], source[1], toc))
+        await self.manager.start(wanted)
+
+
+def _classify(err: LazysnapError) -> RemoteLayerError:
+    """The fallback reason for an error met while checking a layer."""
+    if isinstance(err, RemoteLayerError):
+        return err
+    reason = "registry_error"
+    if isinstance(err, DigestMismatch):
+        reason = "digest_mismatch"
+    elif isinstance(err, FormatError):
+        reason = "invalid_toc"
+    elif isinstance(err, BlobNotFound):
+        reason = "blob_not_found"
+    elif isinstance(err, RegistryAuthError):
+        reason = "registry_auth"
+    elif isinstance(err, RegistryTimeout):
+        reason = "timeout"
+    elif not isinstance(err, RegistryError):
+        reason = "invalid_source"
+    return RemoteLayerError(reason, str(err))
