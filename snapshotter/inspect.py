@@ -136,7 +136,7 @@ def summarize(blob_size: int, footer: Footer, toc_json: bytes) -> dict[str, Any]
 
 def _analyse(blob_size: int, footer: Footer, toc_json: bytes) -> tuple[dict[str, Any],
                                                                          LayerIndex]:
-    entries = parse_toc(toc_json, blob_size)
+    entries = parse_toc(toc_json, blob_size, data_end=footer.toc_offset)
     index = index_from_entries(entries, blob_size)
     paths = _first_paths(index)
     regs = [n for n in index.nodes.values() if n.kind is NodeKind.REG]

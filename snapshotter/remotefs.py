@@ -41,6 +41,8 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.registry import RegistryClient
 
 log = logging.getLogger(__name__)
+# Gzip can inflate a TOC's compressed member a little beyond the JSON's own size.
+TOC_MEMBER_SLACK = 1 << 20
 
 
 def registry_hosts(config: Config) -> HostsConfig:
@@ -116,11 +118,14 @@ class LazyLayers:
         except FormatError as e:
             raise RemoteLayerError("not_estargz", f"not an eStargz blob: {e}") from e
         start, end = footer.toc_range(size)
+        limit = self.config.remote.max_toc_bytes
+        if end - start > limit + TOC_MEMBER_SLACK:
+            raise RemoteLayerError("invalid_toc", f"compressed TOC is {end - start} bytes")
         (member,) = await fetcher.fetch([(start, end)])
-        toc = estargz.extract_toc(member, self.config.remote.max_toc_bytes)
+        toc = estargz.extract_toc(member, limit)
         if expected is not None:
             estargz.verify_toc(toc, expected)
-        estargz.build_index(toc, size)
+        estargz.build_index(toc, size, data_end=start)
         return estargz.toc_digest(toc)
 
     def _spec(self, sid: int, ref: str, digest: str, toc_digest: str | None) -> dict[str, Any]:

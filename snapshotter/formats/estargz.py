@@ -71,12 +71,11 @@ entries, far beyond real layers)."""
 
 _ZSTD_CHUNKED_MAGIC = b"GnUlInUx"
 _GZIP_MAGIC = b"\x1f\x8b"
-_FTEXT, _FHCRC, _FEXTRA, _FNAME, _FCOMMENT = 1, 2, 4, 8, 16
+_FEXTRA = 4
 _HEX16 = re.compile(rb"[0-9a-fA-F]{16}")
 _TAR_BLOCK = 512
 # Slack on top of the TOC JSON for the tar header(s), padding and end-of-archive blocks.
 _TOC_MEMBER_SLACK = 1 << 20
-_INFLATE_STEP = 1 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +150,8 @@ def _inflate_member(data: bytes, limit: int, *, need_end: bool, what: str) -> by
     pending = data
     try:
         while not inflater.eof and produced < limit:
-            out = inflater.decompress(pending, min(_INFLATE_STEP, limit - produced))
+            # zlib grows its output buffer as needed, up to max_length.
+            out = inflater.decompress(pending, limit - produced)
             parts.append(out)
             produced += len(out)
             if not out and inflater.unconsumed_tail == pending:
@@ -205,8 +205,8 @@ def _try_legacy(tail: bytes) -> Footer | None:
         return None
     if not _is_empty_member(member):
         return None
-    return Footer(_parse_offset_hex(extra[:16], "legacy stargz"), LEGACY_FOOTER_SIZE,
-                  "stargz-legacy")
+    offset = _parse_offset_hex(extra[:16], "legacy stargz")
+    return Footer(offset, LEGACY_FOOTER_SIZE, "stargz-legacy")
 
 
 def _reject_unsupported(tail: bytes) -> None:
@@ -450,10 +450,11 @@ async def open_layer(
     """Fetch, verify and index an eStargz layer; return ``(index, toc_json)``.
 
     With ``expected_toc_digest`` the TOC JSON must hash to it (DigestMismatch otherwise);
-    with None the TOC is not verified (the caller decided that is allowed). Raises
+    with None the TOC is not verified (the caller decided that is allowed). Payload
+    ranges end at the TOC offset (see ``build_index``'s ``data_end``). Raises
     FormatError for anything malformed; fetcher errors propagate unchanged.
     """
-    blob_size, _footer, toc_json = await fetch_toc(fetcher, max_toc_bytes)
+    blob_size, footer, toc_json = await fetch_toc(fetcher, max_toc_bytes)
     if expected_toc_digest is not None:
         verify_toc(toc_json, expected_toc_digest)
-    return build_index(toc_json, blob_size), toc_json
+    return build_index(toc_json, blob_size, data_end=footer.toc_offset), toc_json

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -100,18 +101,19 @@ def clean_name(raw: str, what: str = "name") -> str:
 
 def _text(value: str) -> str:
     """Replace lone surrogates (invalid UTF-16 escapes in JSON) with U+FFFD, as Go does."""
-    return _SURROGATE.sub("\ufffd", value)
+    return value if value.isascii() else _SURROGATE.sub("\ufffd", value)
 
 
 class _Fields:
     """Typed accessors over one JSON object; errors name the entry."""
 
-    def __init__(self, obj: dict[str, Any], where: str) -> None:
+    def __init__(self, obj: dict[str, Any], index: int) -> None:
         self.obj = obj
-        self.where = where
+        self.index = index
+        self.name = ""
 
     def fail(self, message: str) -> FormatError:
-        return FormatError(f"{self.where}: {message}")
+        return FormatError(f"TOC entry #{self.index} ({self.name[:80]!r}): {message}")
 
     def string(self, key: str) -> str:
         value = self.obj.get(key)
@@ -141,22 +143,10 @@ class _Fields:
         value = self.string("modtime")
         if not value:
             return 0
-        match = _RFC3339.fullmatch(value)
-        if match is None:
-            raise self.fail(f"modtime {value[:40]!r} is not RFC 3339")
-        year, month, day, hour, minute, sec, frac, _z, sign, tzh, tzm = match.groups()
         try:
-            if int(tzm or 0) > 59:
-                raise ValueError("zone offset minutes out of range")
-            offset = dt.timedelta(hours=int(tzh or 0), minutes=int(tzm or 0))
-            tz = dt.timezone(-offset if sign == "-" else offset)
-            when = dt.datetime(int(year), int(month), int(day), int(hour), int(minute),
-                               int(sec), tzinfo=tz)
+            return _rfc3339_ns(value)
         except ValueError as exc:
-            raise self.fail(f"modtime {value!r}: {exc}") from None
-        delta = when - _EPOCH
-        seconds = delta.days * 86400 + delta.seconds
-        return seconds * 1_000_000_000 + int((frac or "0").ljust(9, "0"))
+            raise self.fail(f"modtime {value[:40]!r}: {exc}") from None
 
     def xattrs(self) -> dict[str, bytes]:
         value = self.obj.get("xattrs")
@@ -184,12 +174,29 @@ class _Fields:
         return out
 
 
-def _decode_entry(index: int, obj: object, blob_size: int) -> TocEntry:
+@functools.lru_cache(maxsize=4096)  # layers reuse a few timestamps many times
+def _rfc3339_ns(value: str) -> int:
+    """Nanoseconds since the epoch of an RFC 3339 time; ValueError if it is not one."""
+    match = _RFC3339.fullmatch(value)
+    if match is None:
+        raise ValueError("not RFC 3339")
+    year, month, day, hour, minute, sec, frac, _z, sign, tzh, tzm = match.groups()
+    if int(tzm or 0) > 59:
+        raise ValueError("zone offset minutes out of range")
+    offset = dt.timedelta(hours=int(tzh or 0), minutes=int(tzm or 0))
+    tz = dt.timezone(-offset if sign == "-" else offset)
+    when = dt.datetime(int(year), int(month), int(day), int(hour), int(minute), int(sec),
+                       tzinfo=tz)
+    delta = when - _EPOCH
+    seconds = delta.days * 86400 + delta.seconds
+    return seconds * 1_000_000_000 + int((frac or "0").ljust(9, "0"))
+
+
+def _decode_entry(index: int, obj: object, data_end: int) -> TocEntry:
     if not isinstance(obj, dict):
         raise FormatError(f"TOC entry #{index} is not an object")
-    f = _Fields(obj, f"TOC entry #{index}")
-    raw_name = f.string("name")
-    f.where = f"TOC entry #{index} ({raw_name[:80]!r})"
+    f = _Fields(obj, index)
+    raw_name = f.name = f.string("name")
     kind = f.string("type")
     if kind not in ENTRY_TYPES:
         raise f.fail(f"unknown type {kind[:20]!r}")
@@ -212,8 +219,8 @@ def _decode_entry(index: int, obj: object, blob_size: int) -> TocEntry:
         chunk_size=f.integer("chunkSize"),
         chunk_digest=f.digest("chunkDigest"),
     )
-    if entry.offset and entry.offset >= blob_size:
-        raise f.fail(f"offset {entry.offset} is past the blob end {blob_size}")
+    if entry.offset and entry.offset >= data_end:
+        raise f.fail(f"offset {entry.offset} is past the end of the data {data_end}")
     _decode_link(f, entry)
     return entry
 
@@ -265,13 +272,20 @@ def _load_json(json_bytes: bytes, max_objects: int) -> dict[str, Any]:
 
 
 def parse_toc(
-    json_bytes: bytes, blob_size: int, *, max_entries: int = DEFAULT_MAX_ENTRIES
+    json_bytes: bytes,
+    blob_size: int,
+    *,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    data_end: int | None = None,
 ) -> list[TocEntry]:
     """Decode and validate the TOC JSON of a blob of ``blob_size`` compressed bytes.
 
+    ``data_end`` (default ``blob_size``) is where payload members stop; pass the
+    footer's TOC offset so that the last file's range excludes the TOC and footer.
+
     Checks ``version == 1``, the type and range of every field, names (see
     ``clean_name``), that payload offsets are inside the blob, and computes each
-    ``reg``/``chunk`` entry's ``next_offset`` by walking backwards from ``blob_size``
+    ``reg``/``chunk`` entry's ``next_offset`` by walking backwards from ``data_end``
     (protocol-reference §4.3). Raises FormatError for bad JSON, a wrong version, more
     than ``max_entries`` entries, or any malformed entry.
     """
@@ -287,14 +301,17 @@ def parse_toc(
         raise FormatError("TOC 'entries' is not a list")
     if len(raw_entries) > max_entries:
         raise FormatError(f"TOC has {len(raw_entries)} entries, over the limit {max_entries}")
-    entries = [_decode_entry(i, obj, blob_size) for i, obj in enumerate(raw_entries)]
-    _set_next_offsets(entries, blob_size)
+    end = blob_size if data_end is None else data_end
+    if not 0 <= end <= blob_size:
+        raise FormatError(f"data end {end} is outside the blob of {blob_size} bytes")
+    entries = [_decode_entry(i, obj, end) for i, obj in enumerate(raw_entries)]
+    _set_next_offsets(entries, end)
     return entries
 
 
-def _set_next_offsets(entries: list[TocEntry], blob_size: int) -> None:
+def _set_next_offsets(entries: list[TocEntry], data_end: int) -> None:
     """Give each payload entry the end of its compressed range (stargz ``nextOffset``)."""
-    last = blob_size
+    last = data_end
     for entry in reversed(entries):
         if entry.type not in ("reg", "chunk"):
             continue

@@ -54,7 +54,11 @@ _KINDS = {
 
 
 def build_index(
-    json_bytes: bytes, blob_size: int, *, max_entries: int = DEFAULT_MAX_ENTRIES
+    json_bytes: bytes,
+    blob_size: int,
+    *,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    data_end: int | None = None,
 ) -> LayerIndex:
     """Parse TOC JSON of a blob of ``blob_size`` bytes into a validated ``LayerIndex``.
 
@@ -63,11 +67,15 @@ def build_index(
     (compression ``gzip``). A chunk without its own ``chunkDigest`` inherits the file's
     ``digest`` when it is the file's only chunk, else its digest is ``""``.
 
+    The last payload's range runs to ``data_end``: ``blob_size`` by default, as stargz
+    does (one gzip member is inflated, so the trailing TOC is fetched but not read);
+    pass the footer's TOC offset to fetch only the payload.
+
     Raises FormatError for malformed JSON or entries (see ``estargz_toc.parse_toc``) and
     for the structural errors listed in the module docstring.
     """
-    return index_from_entries(parse_toc(json_bytes, blob_size, max_entries=max_entries),
-                              blob_size)
+    entries = parse_toc(json_bytes, blob_size, max_entries=max_entries, data_end=data_end)
+    return index_from_entries(entries, blob_size)
 
 
 def index_from_entries(entries: list[TocEntry], blob_size: int) -> LayerIndex:
@@ -96,17 +104,16 @@ def make_chunks(entry: TocEntry, extra: list[TocEntry]) -> list[Chunk]:
     Raises FormatError if they do not tile ``[0, size)`` in order, or a chunk has no
     payload offset or an empty compressed range.
     """
-    where = f"regular file {entry.name!r} (TOC entry #{entry.index})"
     if entry.size == 0:
         if extra:
-            raise FormatError(f"{where}: empty file with chunk entries")
+            raise _chunk_error(entry, "empty file with chunk entries")
         return []
     parts = [entry, *extra]
     chunks: list[Chunk] = []
     pos = 0
     for i, part in enumerate(parts):
         if part.chunk_offset != pos:
-            raise FormatError(f"{where}: chunk at {part.chunk_offset}, expected {pos}")
+            raise _chunk_error(entry, f"chunk at {part.chunk_offset}, expected {pos}")
         if part.chunk_size:
             size = part.chunk_size
         elif i + 1 < len(parts):
@@ -114,21 +121,30 @@ def make_chunks(entry: TocEntry, extra: list[TocEntry]) -> list[Chunk]:
         else:
             size = entry.size - pos
         if size <= 0 or pos + size > entry.size:
-            raise FormatError(f"{where}: chunk at {pos} has invalid size {size}")
+            raise _chunk_error(entry, f"chunk at {pos} has invalid size {size}")
         if not part.offset and not part.inner_offset:
-            raise FormatError(f"{where}: chunk at {pos} has no payload offset")
+            raise _chunk_error(entry, f"chunk at {pos} has no payload offset")
         if part.offset >= part.next_offset:
-            raise FormatError(
-                f"{where}: chunk at {pos} has an empty compressed range "
-                f"[{part.offset}, {part.next_offset}) (offsets out of order?)"
+            raise _chunk_error(
+                entry,
+                f"chunk at {pos} has an empty compressed range "
+                f"[{part.offset}, {part.next_offset}) (offsets out of order?)",
             )
         digest = part.chunk_digest or (entry.digest if len(parts) == 1 else "")
         chunks.append(Chunk(pos, size, part.offset, part.next_offset, part.inner_offset,
                             digest, "gzip"))
         pos += size
     if pos != entry.size:
-        raise FormatError(f"{where}: chunks cover {pos} of {entry.size} bytes")
+        raise _chunk_error(entry, f"chunks cover {pos} of {entry.size} bytes")
     return chunks
+
+
+def _chunk_error(entry: TocEntry, message: str) -> FormatError:
+    return FormatError(f"regular file {entry.name!r} (TOC entry #{entry.index}): {message}")
+
+
+def _fail(entry: TocEntry, message: str) -> FormatError:
+    return FormatError(f"TOC entry #{entry.index} ({entry.name!r}): {message}")
 
 
 def _is_meta(name: str) -> bool:
@@ -166,33 +182,32 @@ class _TreeBuilder:
 
     def add(self, entry: TocEntry, chunks: list[TocEntry]) -> None:
         """Apply one TOC entry (with its chunk entries) to the tree."""
-        where = f"TOC entry #{entry.index} ({entry.name!r})"
         if not entry.name:
             if entry.type != "dir":
-                raise FormatError(f"{where}: the layer root must be a directory")
+                raise _fail(entry, "the layer root must be a directory")
             self._set_dir_meta(self.nodes[ROOT_INO], entry)
             return
         parent_path, _, base = entry.name.rpartition("/")
         if not parent_path and base in _HIDDEN_AT_ROOT:
-            self._hidden(entry, base, where)
+            self._hidden(entry, base)
             return
         if _is_meta(entry.name):
             return
         if any(p.startswith(_WHITEOUT) for p in parent_path.split("/")):
-            raise FormatError(f"{where}: a whiteout name is used as a directory")
-        parent = self._ensure_dir(parent_path, where)
+            raise _fail(entry, "a whiteout name is used as a directory")
+        parent = self._ensure_dir(parent_path, entry)
         if base == _OPAQUE:
             self.opaque[parent] = None
         elif base.startswith(_WHITEOUT):
-            self._whiteout(entry, parent, base[len(_WHITEOUT) :], where)
+            self._whiteout(entry, parent, base[len(_WHITEOUT) :])
         elif entry.type == "dir":
-            self._add_dir(entry, parent, parent_path, base, where)
+            self._add_dir(entry, parent, parent_path, base)
         elif entry.type == "hardlink":
-            self._link(parent, base, self._hardlink_target(entry, where), where)
+            self._link(parent, base, self._hardlink_target(entry), entry)
         else:
             node = self._new(_KINDS[entry.type], entry, parent)
             self._fill(node, entry, chunks)
-            self._link(parent, base, node.ino, where)
+            self._link(parent, base, node.ino, entry)
 
     def _fill(self, node: Node, entry: TocEntry, chunks: list[TocEntry]) -> None:
         if node.kind is NodeKind.REG:
@@ -205,15 +220,15 @@ class _TreeBuilder:
         elif node.kind in (NodeKind.CHAR, NodeKind.BLOCK):
             node.rdev_major, node.rdev_minor = entry.dev_major, entry.dev_minor
 
-    def _hidden(self, entry: TocEntry, base: str, where: str) -> None:
+    def _hidden(self, entry: TocEntry, base: str) -> None:
         if entry.type != "reg":
-            raise FormatError(f"{where}: {base} must be a regular file")
+            raise _fail(entry, f"{base} must be a regular file")
         if base == PREFETCH_LANDMARK:
             self.landmark = entry
         elif base == NO_PREFETCH_LANDMARK:
             self.no_prefetch = True
 
-    def _ensure_dir(self, path: str, where: str) -> int:
+    def _ensure_dir(self, path: str, entry: TocEntry) -> int:
         """The inode of directory ``path``, creating missing directories on the way."""
         found = self.dirs.get(path)
         if found is not None:
@@ -226,21 +241,20 @@ class _TreeBuilder:
                 cur = known
                 continue
             if comp in self.nodes[cur].children:
-                raise FormatError(f"{where}: parent {prefix!r} is not a directory")
+                raise _fail(entry, f"parent {prefix!r} is not a directory")
             node = self._new(NodeKind.DIR, None, cur)
             self.nodes[cur].children[comp] = node.ino
             self.dirs[prefix] = cur = node.ino
         return cur
 
-    def _add_dir(self, entry: TocEntry, parent: int, parent_path: str, base: str,
-                 where: str) -> None:
+    def _add_dir(self, entry: TocEntry, parent: int, parent_path: str, base: str) -> None:
         path = f"{parent_path}/{base}" if parent_path else base
         existing = self.dirs.get(path)
         if existing is not None:
             self._set_dir_meta(self.nodes[existing], entry)
             return
         node = self._new(NodeKind.DIR, entry, parent)
-        self._link(parent, base, node.ino, where)
+        self._link(parent, base, node.ino, entry)
         self.dirs[path] = node.ino
 
     @staticmethod
@@ -248,28 +262,28 @@ class _TreeBuilder:
         node.mode, node.uid, node.gid = entry.mode, entry.uid, entry.gid
         node.mtime_ns, node.xattrs = entry.mtime_ns, dict(entry.xattrs)
 
-    def _link(self, parent: int, name: str, ino: int, where: str) -> None:
+    def _link(self, parent: int, name: str, ino: int, entry: TocEntry) -> None:
         children = self.nodes[parent].children
         old = children.get(name)
         if old is not None and self.nodes[old].kind is NodeKind.DIR:
-            raise FormatError(f"{where}: a non-directory replaces directory {name!r}")
+            raise _fail(entry, f"a non-directory replaces directory {name!r}")
         children[name] = ino
 
-    def _hardlink_target(self, entry: TocEntry, where: str) -> int:
+    def _hardlink_target(self, entry: TocEntry) -> int:
         parent_path, _, base = entry.link_name.rpartition("/")
         parent = self.dirs.get(parent_path)
         target = None if parent is None else self.nodes[parent].children.get(base)
         if target is None or not entry.link_name:
-            raise FormatError(f"{where}: hardlink target {entry.link_name!r} does not exist")
+            raise _fail(entry, f"hardlink target {entry.link_name!r} does not exist")
         if self.nodes[target].kind is NodeKind.DIR:
-            raise FormatError(f"{where}: hardlink target {entry.link_name!r} is a directory")
+            raise _fail(entry, f"hardlink target {entry.link_name!r} is a directory")
         return target
 
-    def _whiteout(self, entry: TocEntry, parent: int, name: str, where: str) -> None:
+    def _whiteout(self, entry: TocEntry, parent: int, name: str) -> None:
         try:
             check_name(name)
         except FormatError:
-            raise FormatError(f"{where}: whiteout for an invalid name {name!r}") from None
+            raise _fail(entry, f"whiteout for an invalid name {name!r}") from None
         node = self._new(NodeKind.CHAR, entry, parent)
         node.mode, node.xattrs = 0, {}
         self.whiteouts[(parent, name)] = node.ino

@@ -391,7 +391,7 @@ def test_malformed_toc_documents(doc: bytes, match: str) -> None:
     ({"name": "f", "type": "reg", "size": -1}, "out of range"),
     ({"name": "f", "type": "reg", "uid": 1 << 32}, "out of range"),
     ({"name": "f", "type": "reg", "size": 1 << 63}, "out of range"),
-    ({"name": "f", "type": "reg", "size": 1, "offset": BLOB}, "past the blob end"),
+    ({"name": "f", "type": "reg", "size": 1, "offset": BLOB}, "past the end of the data"),
     ({"name": "f", "type": "reg", "size": 1}, "no payload offset"),
     ({"name": "f", "type": "reg", "digest": "md5:00"}, "not a sha256"),
     ({"name": "f", "type": "reg", "xattrs": {"user.a": "!!"}}, "base64"),
@@ -800,7 +800,21 @@ async def test_open_layer_fetches_tail_then_toc() -> None:
     assert toc_json == out.toc_json
     assert fetcher.requests == [(len(out.blob) - 51, len(out.blob)),
                                 (footer.toc_offset, len(out.blob) - 51)]
-    assert read_file(out.blob, path_map(index)["etc/big"]) == bytes(range(256)) * 40
+    nodes = path_map(index)
+    assert read_file(out.blob, nodes["etc/big"]) == bytes(range(256)) * 40
+    # The final payload's range stops at the TOC member instead of the blob end.
+    assert max(c.blob_end for n in nodes.values() for c in n.chunks) == footer.toc_offset
+    assert read_file(out.blob, nodes["xa"]) == b"x"
+
+
+def test_data_end_bounds_payload_offsets() -> None:
+    doc = toc(reg("a", 1, 100), reg("b", 1, 200))
+    index = E.build_index(doc, BLOB, data_end=300)
+    assert [c.blob_end for _, n in index.walk() for c in n.chunks] == [200, 300]
+    with pytest.raises(FormatError, match="past the end of the data 150"):
+        E.build_index(doc, BLOB, data_end=150)
+    with pytest.raises(FormatError, match="outside the blob"):
+        E.build_index(doc, BLOB, data_end=BLOB + 1)
 
 
 async def test_open_layer_without_expected_digest_skips_verification() -> None:
@@ -951,6 +965,15 @@ def test_blob_from_the_stargz_converter() -> None:
     assert index.prefetch_inos == [nodes["etc/big"].ino, nodes["x/with space \u00fc"].ino]
     assert index.prefetch_blob_end > 0 and not index.no_prefetch
     assert inspect_estargz_blob(blob)["toc_digest"] == REAL_TOC_DIGEST
+
+
+async def test_blob_from_the_stargz_converter_through_open_layer() -> None:
+    blob = base64.b64decode("".join(REAL_BLOB_B64.split()))
+    index, _ = await E.open_layer(MemoryFetcher(blob), REAL_TOC_DIGEST)
+    by_tar = {info.name.rstrip("/"): data for info, data in W.read_as_tar(blob)}
+    for path, node in index.walk():
+        if node.kind is NodeKind.REG and path != "etc/hard":  # tar stores links empty
+            assert read_file(blob, node) == by_tar[path], path
 
 
 REAL_BLOB_B64 = """
