@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
-echo "== ruff";  python3 -m ruff check snapshotter daemon_manager tests bench protos
-echo "== mypy";  python3 -m mypy snapshotter daemon_manager
+echo "== ruff";  python3 -m ruff check .
+echo "== mypy";  python3 -m mypy snapshotter daemon_manager $( [ -d bench ] && [ -n "$(ls bench/*.py 2>/dev/null)" ] && echo bench )
 echo "== pytest"
 exec python3 -m pytest -p no:cacheprovider "$@" tests
