@@ -1,7 +1,9 @@
 """App: opens lazysnap's resources in order, serves, and closes them in reverse.
 
 Start-up order: root directory (created 0700, checked writable and overlay-capable),
-metastore, snapshotter, gRPC server. SIGTERM and SIGINT stop the server gracefully and
+metastore, metrics endpoint (when ``[metrics] address`` is set; bound early so that a
+taken port fails start-up before any daemon is touched), registry client, daemon manager,
+snapshotter, gRPC server. SIGTERM and SIGINT stop the server gracefully and
 close everything; FUSE daemons (when there are any) are left running on purpose so that
 running containers keep their layers.
 """
@@ -17,11 +19,15 @@ import signal
 import tempfile
 from pathlib import Path
 
+from prometheus_client import CollectorRegistry
+
 from snapshotter.api.server import start_server, stop_server
 from snapshotter.api.service import SnapshotsService
 from snapshotter.config import Config
 from snapshotter.errdefs import StartupError
 from snapshotter.metastore.store import MetaStore
+from snapshotter.metrics.endpoint import MetricsEndpoint
+from snapshotter.metrics.families import Metrics
 from snapshotter.mountutil import mount, unmount
 from snapshotter.snapshot.remote import RemoteSnapshotter
 
@@ -62,20 +68,29 @@ def _probe_overlay(probe_dir: str) -> None:
 
 
 class App:
-    """The running service. ``run`` returns when a stop signal arrives."""
+    """The running service. ``run`` returns when a stop signal arrives.
 
-    def __init__(self, config: Config) -> None:
+    ``metrics`` lives on ``registry`` (a fresh one unless given): nothing is process-global.
+    """
+
+    def __init__(self, config: Config, registry: CollectorRegistry | None = None) -> None:
         self.config = config
         self.stop_event = asyncio.Event()
+        self.metrics = Metrics(registry if registry is not None else CollectorRegistry())
 
     async def run(self) -> None:
         cfg = self.config
+        address = cfg.metrics.address
+        endpoint = MetricsEndpoint(self.metrics, address) if address else None
         prepare_root(cfg.root, cfg.snapshotter.check_overlay)
         store = MetaStore(Path(cfg.root) / "metadata.db")
         async with contextlib.AsyncExitStack() as stack:
             stack.callback(store.close)
+            if endpoint is not None:
+                await endpoint.start()
+                stack.push_async_callback(endpoint.aclose)
             snapshotter = await self._snapshotter(stack, store)
-            service = SnapshotsService(snapshotter)
+            service = SnapshotsService(snapshotter, observe=self.metrics.observe_call)
             server = await start_server(service, cfg.address)
             stack.push_async_callback(stop_server, server, cfg.address)
             self._install_signals()
@@ -88,15 +103,22 @@ class App:
     ) -> RemoteSnapshotter:
         """The snapshotter with its remote layers served again (re-attached or restarted)."""
         from daemon_manager.manager import DaemonManager
+        from snapshotter.metrics.collector import Poller
+        from snapshotter.metrics.counters import RegistryCounters
         from snapshotter.remote.registry import RegistryClient
         from snapshotter.remotefs import LazyLayers, registry_hosts
 
         cfg = self.config
-        client = RegistryClient(registry_hosts(cfg))
+        counters = RegistryCounters()
+        client = RegistryClient(registry_hosts(cfg), stats=counters.stats,
+                                session_factory=counters.session_factory)
         stack.push_async_callback(client.aclose)
         manager = DaemonManager(cfg, store)
         stack.push_async_callback(manager.aclose)
-        snapshotter = RemoteSnapshotter(cfg, store, LazyLayers(cfg, manager, client))
+        self.metrics.watch(Poller(manager, counters, daemon_mode=cfg.daemon.mode,
+                                  cache_limit_bytes=cfg.cache.limit_bytes))
+        snapshotter = RemoteSnapshotter(cfg, store, LazyLayers(cfg, manager, client),
+                                        observe=self.metrics.observe_decision)
         await snapshotter.restore()
         return snapshotter
 

@@ -1,4 +1,4 @@
-"""The ``lazysnap`` command line: serve, config, version (and more subcommands).
+"""The ``lazysnap`` command line: serve, config, status, version (and more subcommands).
 
 Flags override the configuration file. Exit codes: 0 success, 1 runtime failure,
 2 bad usage or configuration.
@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from snapshotter import __version__
 from snapshotter import config as configmod
 from snapshotter.errdefs import ConfigError, LazysnapError, StartupError
+from snapshotter.status import add_status_arguments, run_status
 
 log = logging.getLogger("lazysnap")
 
@@ -35,6 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(serve)
     show = sub.add_parser("config", help="print the effective configuration as TOML")
     _add_config_flags(show)
+    status = sub.add_parser(
+        "status", help="show snapshots, daemons and cache usage (exit 1 if a remote"
+        " snapshot's daemon is down)")
+    _add_config_flags(status)
+    add_status_arguments(status)
     sub.add_parser("version", help="print the version")
     return parser
 
@@ -67,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "config":
         sys.stdout.write(configmod.to_toml(cfg))
         return 0
+    if args.command == "status":
+        return run_status(cfg, as_json=args.json, timeout=args.timeout)
     setup_logging(cfg.log_level)
     from snapshotter.app import App
 

@@ -31,19 +31,24 @@ import pyfuse3.asyncio
 
 from snapshotter.errdefs import ConfigError, LazysnapError
 from snapshotter.fs.daemon import MODES, BlobSource, Daemon, DaemonConfig
+from snapshotter.metrics.counters import DaemonCounters, RegistryCounters
 from snapshotter.remote.base import BlobFetcher
 
 log = logging.getLogger("snapshotter.fs")
 
 
 class _RegistrySource:
-    """``BlobSource`` over the registry client built from the ``registry`` config table."""
+    """``BlobSource`` over the registry client built from the ``registry`` config table;
+    the client counts into ``counters`` (published in the daemon's status)."""
 
-    def __init__(self, table: Mapping[str, Any]) -> None:
+    def __init__(self, table: Mapping[str, Any], counters: RegistryCounters) -> None:
         from snapshotter.remote.hosts import HostsConfig
         from snapshotter.remote.registry import RegistryClient
 
-        self._client = RegistryClient(HostsConfig.from_dict(table))
+        self._client = RegistryClient(
+            HostsConfig.from_dict(table), stats=counters.stats,
+            session_factory=counters.session_factory,
+        )
 
     async def open_blob(self, ref: str, digest: str) -> BlobFetcher:
         return self._client.open_blob(ref, digest)
@@ -79,7 +84,9 @@ def _inherited_socket(fd: int | None) -> socket.socket | None:
     return sock
 
 
-async def _run(args: argparse.Namespace, config: DaemonConfig, source: BlobSource) -> None:
+async def _run(
+    args: argparse.Namespace, config: DaemonConfig, source: BlobSource, counters: DaemonCounters
+) -> None:
     daemon = Daemon(
         config,
         mode=args.mode,
@@ -87,6 +94,7 @@ async def _run(args: argparse.Namespace, config: DaemonConfig, source: BlobSourc
         control_path=args.control,
         source=source,
         control_sock=_inherited_socket(args.control_fd),
+        counters=counters,
     )
     await daemon.run()
 
@@ -101,7 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = _load_config(args.config, args.mode)
         logging.getLogger().setLevel(config.log_level)
-        source = _RegistrySource(config.registry)
+        counters = DaemonCounters()
+        source = _RegistrySource(config.registry, counters.registry)
     except LazysnapError as exc:
         log.error("%s", exc)
         return 2
@@ -109,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.setsid()  # EPERM: already a session (or group) leader, as the manager starts us
     pyfuse3.asyncio.enable()
     try:
-        asyncio.run(_run(args, config, source))
+        asyncio.run(_run(args, config, source, counters))
     except LazysnapError as exc:
         log.error("daemon failed: %s", exc)
         return 1

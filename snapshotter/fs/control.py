@@ -31,7 +31,7 @@ import os
 import socket
 import stat
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields
 from typing import Any, Protocol
 
 import aiohttp
@@ -169,7 +169,13 @@ class LayerStatus:
 class DaemonStatus:
     """The daemon: ``state`` is ``starting``, ``running`` or ``stopping``; ``mode`` is
     ``dedicated`` or ``shared``; ``cache`` and ``reader`` are counter dictionaries (the
-    chunk cache's ``CacheStats`` and the sum of the layers' ``ReaderCounters``)."""
+    chunk cache's ``CacheStats`` and the sum of the layers' ``ReaderCounters``);
+    ``counters`` is ``snapshotter.metrics.counters.DaemonCounters.to_json()`` (FUSE
+    requests, prefetch and background fetch, registry requests) for the metrics endpoint.
+
+    ``from_json`` fills fields with defaults that the JSON lacks (a daemon started by an
+    older lazysnap and re-attached); a missing required field raises KeyError.
+    """
 
     state: str
     pid: int
@@ -179,6 +185,7 @@ class DaemonStatus:
     cache: dict[str, int] = field(default_factory=dict)
     reader: dict[str, int] = field(default_factory=dict)
     rss_bytes: int = 0
+    counters: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -187,9 +194,13 @@ class DaemonStatus:
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> DaemonStatus:
-        values = {f.name: raw[f.name] for f in fields(cls)}
+        values = {f.name: raw[f.name] for f in fields(cls) if f.name in raw or _required(f)}
         values["layers"] = [LayerStatus.from_json(x) for x in raw["layers"]]
         return cls(**values)
+
+
+def _required(f: Field[Any]) -> bool:
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 class DaemonCore(Protocol):

@@ -61,6 +61,7 @@ from snapshotter.fs.control import (
 from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress
 from snapshotter.fs.ops import MAX_LAYER_ID, FuseTimeouts, LayerOperations, MountedLayer
 from snapshotter.fs.reader import ChunkReader, ReaderCounters
+from snapshotter.metrics.counters import DaemonCounters
 from snapshotter.remote.base import BlobFetcher
 
 log = logging.getLogger(__name__)
@@ -212,7 +213,8 @@ class LayerManager:
     """The layers of one daemon; implements ``control.DaemonCore``.
 
     Every layer task is owned here; ``aclose`` cancels them, fails ready-waiters with
-    "daemon is stopping", and closes readers and fetchers.
+    "daemon is stopping", and closes readers and fetchers. ``counters`` (published in the
+    status) gets each layer's finished prefetch and background fetch.
     """
 
     def __init__(
@@ -224,9 +226,11 @@ class LayerManager:
         cache: ChunkCache,
         source: BlobSource,
         openers: Mapping[str, LayerOpener] | None = None,
+        counters: DaemonCounters | None = None,
     ) -> None:
         self.mode = mode
         self.mountpoint = mountpoint
+        self.counters = counters if counters is not None else DaemonCounters()
         self.state = "starting"
         self.stop_requested = asyncio.Event()
         self._ops = ops
@@ -250,6 +254,7 @@ class LayerManager:
             cache=asdict(self._cache.stats()),
             reader=asdict(totals),
             rss_bytes=rss_bytes(),
+            counters=self.counters.to_json(),
         )
 
     async def add_layer(self, spec: LayerSpec) -> LayerStatus:
@@ -332,11 +337,17 @@ class LayerManager:
             background=spec.background_fetch,
             background_rate_bytes_per_s=spec.background_rate_bytes_per_s,
         )
-        await policy.prefetch(reader, index, layer.progress, layer.log)
+        progress, fetch = layer.progress, self.counters.fetch
+        await policy.prefetch(reader, index, progress, layer.log)
+        fetch.record("prefetch", progress.prefetch_done, progress.prefetch_bytes,
+                     progress.prefetch_seconds)
         layer.ready = True
         layer.settled.set()
-        layer.log.info("ready (prefetch %s)", "done" if layer.progress.prefetch_done else "skipped")
-        await policy.background_fetch(reader, index, layer.progress, layer.log)
+        layer.log.info("ready (prefetch %s)", "done" if progress.prefetch_done else "skipped")
+        await policy.background_fetch(reader, index, progress, layer.log)
+        if policy.background:
+            fetch.record("background", progress.fully_fetched, progress.background_bytes,
+                         progress.background_seconds)
 
     async def _open(self, layer: _Layer) -> tuple[LayerIndex, ChunkReader]:
         spec = layer.spec
@@ -400,7 +411,9 @@ class Daemon:
     """One daemon process's resources, opened in ``run`` and closed in reverse order.
 
     ``control_sock``: an already-listening socket to serve (socket activation by the
-    manager); without it the daemon binds ``control_path`` itself.
+    manager); without it the daemon binds ``control_path`` itself. ``counters``: where the
+    daemon counts FUSE requests and fetches (its status publishes them); the entry point
+    passes the one whose registry part its registry client also counts into.
     """
 
     def __init__(
@@ -413,6 +426,7 @@ class Daemon:
         source: BlobSource,
         control_sock: Any = None,
         openers: Mapping[str, LayerOpener] | None = None,
+        counters: DaemonCounters | None = None,
     ) -> None:
         if mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {mode!r}")
@@ -428,9 +442,11 @@ class Daemon:
             timeouts=FuseTimeouts(entry_s=config.entry_timeout, attr_s=config.attr_timeout),
             notifier=self._notifier,
         )
+        self.counters = counters if counters is not None else DaemonCounters()
+        self.counters.fuse.instrument(self._ops)
         self.manager = LayerManager(
             mode=mode, mountpoint=mountpoint, ops=self._ops, cache=self._cache,
-            source=source, openers=openers,
+            source=source, openers=openers, counters=self.counters,
         )
         self._server = ControlServer(self.manager, control_path, sock=control_sock)
 

@@ -45,6 +45,12 @@ class FetchProgress:
     prefetch_error: str | None = None
     fully_fetched: bool = False
     background_error: str | None = None
+    # Compressed bytes each phase fetched (0 when it failed) and how long it ran, in
+    # seconds (None: the phase did not run, having nothing to fetch or being disabled).
+    prefetch_bytes: int = 0
+    prefetch_seconds: float | None = None
+    background_bytes: int = 0
+    background_seconds: float | None = None
 
 
 def prefetch_nodes(index: LayerIndex) -> list[Node]:
@@ -104,6 +110,7 @@ class FetchPolicy:
         if not nodes:
             progress.prefetch_done = True
             return
+        started = asyncio.get_running_loop().time()
         try:
             async with asyncio.timeout(self.prefetch_timeout_s):
                 fetched = await reader.fetch_all(nodes)
@@ -115,6 +122,9 @@ class FetchPolicy:
             progress.prefetch_error = f"prefetch failed: {exc}"
             log.warning("%s; serving on demand", progress.prefetch_error)
             return
+        finally:
+            progress.prefetch_seconds = asyncio.get_running_loop().time() - started
+        progress.prefetch_bytes = fetched
         progress.prefetch_done = True
         log.info("prefetched %d files (%d compressed bytes fetched)", len(nodes), fetched)
 
@@ -128,6 +138,7 @@ class FetchPolicy:
         """Fetch the whole layer if enabled; never raises (except cancellation)."""
         if not self.background:
             return
+        started = asyncio.get_running_loop().time()
         try:
             fetched = await reader.fetch_all(
                 background_nodes(index), self.background_rate_bytes_per_s
@@ -136,5 +147,8 @@ class FetchPolicy:
             progress.background_error = f"background fetch failed: {exc}"
             log.warning("%s", progress.background_error)
             return
+        finally:
+            progress.background_seconds = asyncio.get_running_loop().time() - started
+        progress.background_bytes = fetched
         progress.fully_fetched = True
         log.info("background fetch complete (%d compressed bytes fetched)", fetched)

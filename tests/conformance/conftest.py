@@ -111,7 +111,7 @@ def start_service(base: Path, log_name: str = "service.log") -> Service:
     """
     root, socket, config = base / "root", base / "snap.sock", base / "config.toml"
     if not config.exists():
-        config.write_text("")
+        config.write_text('[metrics]\naddress = ""\n')
     log_path = base / log_name
     cmd = [
         sys.executable, "-m", "snapshotter", "serve", "--address", str(socket),

@@ -25,12 +25,20 @@ from pathlib import Path
 import grpc
 import pytest
 
+from .daemon_records import (
+    FUSE_FSTYPE,
+    DaemonRow,
+    is_daemon_process,
+    read_daemon_rows,
+    request_daemon_shutdown,
+)
 from .procs import (
     HarnessError,
     ManagedProcess,
     descendants,
     free_port,
     kill_pids,
+    mounts_under,
     processes_mentioning,
     tail,
     unmount_all_under,
@@ -409,7 +417,8 @@ class Lazysnap:
     socket accepts a connection; ``stop`` is SIGTERM then SIGKILL; ``kill9`` simulates a
     crash (FUSE daemons it spawned in their own session survive, as they would in real life);
     ``cleanup`` removes whatever a crash or a bug left: processes naming ``root`` and mounts
-    under ``root``.
+    under ``root``. FUSE daemons outlive ``lazysnap serve`` on purpose (running containers
+    keep their layers); ``stop_daemons`` stops the ones lazysnap has records of.
     """
 
     def __init__(
@@ -454,7 +463,12 @@ class Lazysnap:
             raise HarnessError("lazysnap is already running")
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(self.config_text)
+        text = self.config_text
+        if "[metrics]" not in text:
+            # Tests run many services one after another (and benches beside them): none
+            # binds the default metrics port unless a test asks for metrics.
+            text += '\n[metrics]\naddress = ""\n'
+        self.config_path.write_text(text)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
@@ -499,3 +513,32 @@ class Lazysnap:
             wait_gone([p.pid for p in leftovers], timeout=30, what="lazysnap leftovers")
         removed.extend(f"mount {m}" for m in unmount_all_under(self.root))
         return removed
+
+    def daemons(self) -> list[DaemonRow]:
+        """The daemon records in lazysnap's metastore (empty when there is none yet)."""
+        return read_daemon_rows(self.root)
+
+    def stop_daemons(self, *, grace: float = 15.0) -> list[str]:
+        """Stop the FUSE daemons lazysnap has records of, as an operator would after
+        stopping lazysnap: ``POST /v1/shutdown`` on each control socket (a daemon then
+        unmounts and exits), SIGKILL for any still alive after ``grace`` seconds, then
+        unmount what is left of lazysnap's FUSE mounts under ``root`` (a killed daemon's
+        mount, a shared daemon's bind mounts). Returns one line per daemon stopped.
+
+        A daemon without a record, or any other mount, is not touched: ``cleanup``
+        reports it as a leftover.
+        """
+        rows = [r for r in self.daemons() if is_daemon_process(r.pid, r.control)]
+        for row in rows:
+            request_daemon_shutdown(row.control)
+        pids = [r.pid for r in rows]
+        with contextlib.suppress(HarnessError):
+            wait_gone(pids, timeout=grace, what="FUSE daemons to shut down")
+        kill_pids(p for p in pids if is_daemon_process(p, ""))
+        wait_gone(pids, timeout=30, what="SIGKILLed FUSE daemons")
+        for mount in mounts_under(self.root):
+            if mount.fstype.startswith(FUSE_FSTYPE):
+                subprocess.run(["umount", "-l", mount.mountpoint], capture_output=True,
+                               check=False, timeout=60)
+        return [f"daemon {r.id} (pid {r.pid})" for r in rows]
+
