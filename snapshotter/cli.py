@@ -42,6 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(status)
     add_status_arguments(status)
     sub.add_parser("version", help="print the version")
+    from snapshotter.inspect_cli import add_arguments as add_inspect_arguments
+
+    inspect = sub.add_parser(
+        "inspect", help="describe an eStargz blob or a RAFS bootstrap (file or registry)")
+    add_inspect_arguments(inspect)
     return parser
 
 
@@ -65,6 +70,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "version":
         print(f"lazysnap {__version__}")
         return 0
+    if args.command == "inspect":
+        from snapshotter.inspect_cli import run as run_inspect
+
+        return run_inspect(args)
     try:
         cfg = effective_config(args)
     except ConfigError as e:
