@@ -8,8 +8,6 @@ import io
 import json
 from pathlib import Path
 
-import pytest
-
 from snapshotter.inspect_cli import add_arguments, run
 from snapshotter.remote.fakeregistry import FakeRegistry
 from tests.estargz_writer import build_estargz, reg
