@@ -123,6 +123,10 @@ class DaemonManager:
                 self._persist(shared, shared.rec.state)
                 if mountpoint:
                     _lazy_unmount(mountpoint)
+                if not shared.layers:
+                    # Nothing left to serve: an idle shared daemon would be a leak.
+                    await self._stop(SHARED_ID)
+                    return
                 with contextlib.suppress(LazysnapError, OSError):
                     await self._client_call(shared.rec, "remove_layer", sid)
 

@@ -2,14 +2,16 @@
 
 Session scope: ``e2e_prerequisites`` (fails, never skips, naming what is missing; every
 process fixture depends on it, and tests that start processes themselves request it),
-``registry`` (a :class:`~.harness.Registry`) and ``demo_image`` (a
-:class:`~.demo.DemoImage` pushed to it).
+``registry`` (a :class:`~.harness.Registry`), ``demo_image`` (a
+:class:`~.demo.DemoImage` pushed to it), ``esgz_converter`` (a containerd that converts
+images with ctr-remote) and ``feature_image`` (the eStargz image of esgz.py).
 
 Function scope: ``e2e_workdir`` (a fresh directory under /tmp, unmounted and removed
 afterwards; set LAZYSNAP_E2E_KEEP=1 to keep it), ``lazysnap`` (a running
 :class:`~.harness.Lazysnap` with an empty config; a test that wants another config uses
 ``lazysnap_factory``), ``containerd`` (a running :class:`~.harness.Containerd` whose proxy
-plugin ``lazysnap`` points at the lazysnap socket of this workdir) and ``stack`` (a
+plugin ``lazysnap`` points at the lazysnap socket of this workdir), ``lazysnap_stack`` (a
+factory of a Stack with a given lazysnap config) and ``stack`` (a
 :class:`~.stack.Stack`; parametrise it indirectly with a snapshotter name, default
 ``lazysnap``, e.g. ``@pytest.mark.parametrize("stack", ["lazysnap", "overlayfs"],
 indirect=True)``).
@@ -30,7 +32,11 @@ from pathlib import Path
 import pytest
 
 from .demo import DemoImage, push_demo
+from .esgz import Converter, FeatureImage, build_feature_image, feature_layers
+from .esgz_observe import listing_script
 from .harness import Containerd, Lazysnap, Registry, require_tools
+from .imagebuild import expected_tree
+from .imagetree import top_level
 from .procs import tail, unmount_all_under
 from .stack import Stack
 
@@ -105,6 +111,28 @@ def demo_image(registry: Registry) -> DemoImage:
     return push_demo(registry.host)
 
 
+@pytest.fixture(scope="session")
+def esgz_converter(e2e_prerequisites: None) -> Iterator[Converter]:
+    """A private containerd (overlayfs, no lazysnap) that converts images to eStargz with
+    ctr-remote and runs reference containers (see esgz.py), for the whole session."""
+    workdir = _make_tempdir("lazysnap-e2e-convert-")
+    ctd = Containerd(workdir / "containerd", proxy_socket=workdir / "unused.sock")
+    try:
+        ctd.start()
+        yield Converter(ctd)
+    finally:
+        ctd.stop()
+        _remove_tempdir(workdir)
+
+
+@pytest.fixture(scope="session")
+def feature_image(registry: Registry, esgz_converter: Converter) -> FeatureImage:
+    """The eStargz feature image (esgz.py), converted once per session, with the listing
+    of its unconverted source on overlayfs."""
+    probe = listing_script(top_level(expected_tree(feature_layers())))
+    return build_feature_image(registry.host, esgz_converter, probe)
+
+
 @pytest.fixture
 def e2e_workdir(e2e_prerequisites: None) -> Iterator[Path]:
     """A fresh directory under /tmp for one test's processes; unmounted and removed after."""
@@ -125,7 +153,8 @@ def lazysnap_factory(
     """``factory(config_text="", log_level="debug") -> Lazysnap``: start lazysnap in this
     workdir with the socket containerd's proxy plugin expects. At most one per test. At teardown the
     test errors if lazysnap died during the test or left processes or mounts behind after
-    SIGTERM (they are cleaned up either way)."""
+    SIGTERM (they are cleaned up either way). FUSE daemons that lazysnap has records of
+    outlive it by design; they are stopped (``Lazysnap.stop_daemons``), not reported."""
     started: list[Lazysnap] = []
 
     def factory(config_text: str = "", log_level: str = "debug") -> Lazysnap:
@@ -149,6 +178,7 @@ def _stop_lazysnap(request: pytest.FixtureRequest, proc: Lazysnap) -> None:
     try:
         died = not proc.running()
         proc.stop()
+        proc.stop_daemons()
         leftovers = proc.cleanup()
         if died:
             pytest.fail(f"lazysnap was not running at teardown (crashed?); see {proc.log_path}")
@@ -177,6 +207,25 @@ def containerd(request: pytest.FixtureRequest, e2e_workdir: Path) -> Iterator[Co
             yield proc
     finally:
         proc.stop()
+
+
+StackFactory = Callable[[str], Stack]
+
+
+@pytest.fixture
+def lazysnap_stack(
+    request: pytest.FixtureRequest, lazysnap_factory: LazysnapFactory, e2e_workdir: Path
+) -> StackFactory:
+    """``factory(config_text) -> Stack``: lazysnap with ``config_text``, then containerd.
+
+    In that order: containerd dials its proxy plugins at start-up and backs off after a
+    failed dial, so a containerd started first may answer UNAVAILABLE for a while."""
+    def factory(config_text: str) -> Stack:
+        lz = lazysnap_factory(config_text=config_text)
+        ctd: Containerd = request.getfixturevalue("containerd")
+        return Stack("lazysnap", ctd, lz, e2e_workdir)
+
+    return factory
 
 
 @pytest.fixture

@@ -54,6 +54,9 @@ REQUIRED_BINARIES = (
 # containerd-shim-runc-v2 puts its socket here whatever containerd's state dir is
 # (containerd 1.6 runtime/v2/shim/util_unix.go); the harness only removes its own.
 SHIM_SOCKET_DIR = Path("/run/containerd/s")
+# The shim's clean-up of a dead shim (and ctr-remote image optimize) run runc with its
+# default root, which creates an (empty) directory per namespace here.
+DEFAULT_RUNC_ROOT = Path("/run/containerd/runc")
 # Never through an HTTP proxy from the environment: every server is on 127.0.0.1.
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -393,7 +396,8 @@ class Containerd:
         Kills and deletes remaining tasks while containerd still answers, stops containerd
         (SIGTERM, then SIGKILL), SIGKILLs any shim of its own that survived together with the
         shim's container processes, unmounts whatever is left under its root and state and
-        removes its namespace's empty cgroups. Raises HarnessError if a mount cannot go.
+        removes its namespace's empty cgroups and empty default runc state directory.
+        Raises HarnessError if a mount cannot go.
         """
         if self._proc is None:
             return
@@ -408,6 +412,8 @@ class Containerd:
         unmount_all_under(self.state)
         unmount_all_under(self.root)
         self._remove_cgroups()
+        with contextlib.suppress(OSError):  # only if empty: never another runc's state
+            os.rmdir(DEFAULT_RUNC_ROOT / self.namespace)
 
 
 class Lazysnap:
