@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser(
         "inspect", help="describe an eStargz blob or a RAFS bootstrap (file or registry)")
     add_inspect_arguments(inspect)
+    from snapshotter.convert.cli import add_arguments as add_convert_arguments
+
+    convert = sub.add_parser(
+        "convert", help="convert a directory or OCI image to a nydus image and push it")
+    add_convert_arguments(convert)
     return parser
 
 
@@ -74,6 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from snapshotter.inspect_cli import run as run_inspect
 
         return run_inspect(args)
+    if args.command == "convert":
+        from snapshotter.convert.cli import run as run_convert
+
+        return run_convert(args)
     try:
         cfg = effective_config(args)
     except ConfigError as e:

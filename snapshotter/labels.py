@@ -42,6 +42,8 @@ REMOTE_FORMAT = "containerd.io/snapshot/lazysnap.format"
 NYDUS_BLOB = "containerd.io/snapshot/nydus-blob"
 NYDUS_BOOTSTRAP = "containerd.io/snapshot/nydus-bootstrap"
 NYDUS_REF = "containerd.io/snapshot/nydus-ref"
+# Written by nydus converters (lazysnap's included) on the bootstrap layer: "5" or "6".
+NYDUS_FS_VERSION = "containerd.io/snapshot/nydus-fs-version"
 
 
 def layer_source(labels: Mapping[str, str]) -> tuple[str, str] | None:

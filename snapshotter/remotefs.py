@@ -4,14 +4,18 @@ The decision for one layer, in order (each "no" is a ``RemoteLayerError`` whose 
 the token in brackets; Prepare then falls back to an ordinary pull):
   1. the labels name a source: ``cri.image-ref`` + ``cri.layer-digest`` or
      ``stargz.reference`` + ``stargz.digest``                          [no_source]
-  2. a TOC digest label is present, or verification is off by config, or the client set
+  2. the blob's footer is an eStargz footer                             [not_estargz]
+  3. a TOC digest label is present, or verification is off by config, or the client set
      ``stargz.skipverify`` and config allows unverified layers          [no_toc_digest]
-  3. the blob's footer is an eStargz footer                             [not_estargz]
   4. the TOC is well-formed and every name stays inside the layer       [invalid_toc]
   5. the TOC hashes to the label's digest                               [digest_mismatch]
   6. the daemon mounts the layer and finishes prefetch in time          [daemon_error]
 Registry failures map to [blob_not_found], [registry_auth], [timeout], [registry_error].
 The whole check is bounded by ``remote.mount_timeout``.
+
+Nydus layers (``snapshotter.nydus``) take their own path: those the labels mark go there
+first, and a layer refused as ``not_estargz`` is looked up in its manifest in case it is
+an unmarked nydus layer. Blob layers are served by no daemon (``check`` passes).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 
 from daemon_manager.manager import DaemonManager
 from snapshotter import labels as L
+from snapshotter import nydus
 from snapshotter.config import Config
 from snapshotter.errdefs import (
     BlobNotFound,
@@ -68,21 +73,28 @@ class LazyLayers:
         self.config = config
         self.manager = manager
         self.client = client
+        self.nydus = nydus.NydusLayers(config, manager, client)
 
     async def mount(self, sid: int, mountpoint: str, labels: Mapping[str, str]) -> str:
+        kind = nydus.classify(labels)
+        if kind is not None:
+            return await self.nydus.mount(sid, mountpoint, labels, kind)
         source = L.layer_source(labels)
         if source is None:
             raise RemoteLayerError("no_source", "the labels name no image reference and digest")
         ref, digest = source
-        expected = self._expected_toc_digest(labels)
         timeout = self.config.remote.mount_timeout
         try:
             fetcher = self.client.open_blob(ref, digest)
-            toc_digest = await asyncio.wait_for(self._check_estargz(fetcher, expected), timeout)
+            toc_digest = await asyncio.wait_for(self._check_estargz(fetcher, labels), timeout)
         except TimeoutError:
             raise RemoteLayerError("timeout", f"layer check took over {timeout:.0f}s") from None
         except LazysnapError as e:
-            raise _classify(e) from e
+            refused = _classify(e)
+            kind = await self.nydus.detect(labels) if refused.reason == "not_estargz" else None
+            if kind is None:
+                raise refused from e
+            return await self.nydus.mount(sid, mountpoint, labels, kind)
         spec = self._spec(sid, ref, digest, toc_digest)
         try:
             await self.manager.mount(sid, mountpoint, spec)
@@ -106,8 +118,12 @@ class LazyLayers:
             " remote.allow_no_verification = true)",
         )
 
-    async def _check_estargz(self, fetcher: BlobFetcher, expected: str | None) -> str:
-        """Fetch footer and TOC, check them; return the TOC's digest. Typed errors only."""
+    async def _check_estargz(self, fetcher: BlobFetcher, labels: Mapping[str, str]) -> str:
+        """Fetch footer and TOC, check them; return the TOC's digest. Typed errors only.
+
+        The format is sniffed before the TOC digest label is required, so that a layer
+        that is not eStargz at all is reported as such (``not_estargz``), as stargz does.
+        """
         size = await fetcher.size()
         tail_len = min(estargz.FOOTER_MAX, size)
         if tail_len <= 0:
@@ -117,6 +133,7 @@ class LazyLayers:
             footer = estargz.parse_footer(tail)
         except FormatError as e:
             raise RemoteLayerError("not_estargz", f"not an eStargz blob: {e}") from e
+        expected = self._expected_toc_digest(labels)
         start, end = footer.toc_range(size)
         limit = self.config.remote.max_toc_bytes
         if end - start > limit + TOC_MEMBER_SLACK:
@@ -141,14 +158,21 @@ class LazyLayers:
         }
 
     def check(self, sid: int) -> None:
-        self.manager.check(sid)
+        if sid not in self.nydus.daemonless:
+            self.manager.check(sid)
 
     async def unmount(self, sid: int) -> None:
+        self.nydus.daemonless.discard(sid)
         await self.manager.unmount(sid)
 
     async def restore(self, remote: dict[int, tuple[str, Mapping[str, str]]]) -> None:
         wanted: dict[int, tuple[str, dict[str, Any]]] = {}
         for sid, (mountpoint, labels) in remote.items():
+            if nydus.is_nydus_snapshot(labels):
+                spec = self.nydus.restore_spec(sid, mountpoint, labels)
+                if spec is not None:
+                    wanted[sid] = (mountpoint, spec)
+                continue
             source = L.layer_source(labels)
             if source is None:
                 log.error("remote snapshot %d has no source labels; cannot serve it", sid)

@@ -49,7 +49,8 @@ from snapshotter.errdefs import (
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("estargz",)
+FORMATS = ("estargz", "rafs-v5", "rafs-v6")
+BOOTSTRAP_FORMATS = ("rafs-v5", "rafs-v6")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,7 +60,9 @@ class LayerSpec:
     ``toc_digest`` None means "no TOC digest label"; the layer is then refused unless
     ``skip_verify``. ``prefetch_timeout_s <= 0`` disables prefetch.
     ``background_rate_bytes_per_s`` 0 means unpaced. ``readahead_chunks`` 0 disables
-    read-ahead.
+    read-ahead. ``bootstrap`` (RAFS formats only): the absolute path of the nydus
+    bootstrap to serve; ``toc_digest`` is then the bootstrap's digest, ``digest`` the
+    bootstrap layer's, and the chunks are read from ``sha256:<blob id>`` blobs of ``ref``.
     """
 
     layer_id: int
@@ -72,6 +75,7 @@ class LayerSpec:
     background_fetch: bool = False
     background_rate_bytes_per_s: int = 0
     readahead_chunks: int = 4
+    bootstrap: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -97,6 +101,7 @@ class LayerSpec:
             background_fetch=get(raw, "background_fetch", bool, False),
             background_rate_bytes_per_s=get(raw, "background_rate_bytes_per_s", int, 0),
             readahead_chunks=get(raw, "readahead_chunks", int, 4),
+            bootstrap=get(raw, "bootstrap", str, None, allow_none=True),
         )
         spec.check()
         return spec
@@ -111,6 +116,9 @@ class LayerSpec:
             raise InvalidArgument(f"unsupported layer format {self.format!r}")
         if self.background_rate_bytes_per_s < 0 or self.readahead_chunks < 0:
             raise InvalidArgument("rates and read-ahead must not be negative")
+        if self.bootstrap is not None and (self.format not in BOOTSTRAP_FORMATS
+                                           or not os.path.isabs(self.bootstrap)):
+            raise InvalidArgument("a bootstrap path must be absolute, for a RAFS layer")
 
 
 def json_field(

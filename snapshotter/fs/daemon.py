@@ -3,7 +3,9 @@
 ``LayerManager`` (the control socket's ``DaemonCore``) owns the layers. Adding a layer
 starts one owned task that, in order: opens the blob through the ``BlobSource``, reads and
 verifies the index (``open_layer`` of the layer's format: footer + TOC, TOC digest checked
-unless the spec allows skipping), adds the layer to the FUSE operations, prefetches
+unless the spec allows skipping; a nydus RAFS layer reads its bootstrap from the file
+``spec.bootstrap``, and its chunks through one fetcher per data blob, ``sha256:<blob id>``
+of ``spec.ref``), adds the layer to the FUSE operations, prefetches
 (``fetchpolicy``), marks the layer ready, then fetches the rest in the background when
 asked. A layer that cannot be opened is not served; its ``error`` reads
 ``<reason>: <detail>`` with reason one of ``no_toc_digest``, ``digest_mismatch``,
@@ -79,10 +81,13 @@ class BlobSource(Protocol):
 
 
 def default_openers() -> dict[str, LayerOpener]:
-    """Index readers by ``LayerSpec.format``; nydus adds its own here."""
+    """Index readers by ``LayerSpec.format`` (eStargz, and nydus RAFS v5/v6 bootstraps)."""
     from snapshotter.formats import estargz
+    from snapshotter.fs import rafs_opener
 
-    return {"estargz": estargz.open_layer}
+    openers: dict[str, LayerOpener] = {"estargz": estargz.open_layer}
+    openers.update(dict.fromkeys(rafs_opener.FORMATS, rafs_opener.open_layer))
+    return openers
 
 
 class LayerLog(logging.LoggerAdapter[logging.Logger]):
@@ -174,6 +179,7 @@ class _Layer:
     ready: bool = False
     error: str | None = None
     fetcher: BlobFetcher | None = None
+    blob_fetchers: list[BlobFetcher] = field(default_factory=list)
     reader: ChunkReader | None = None
     index: LayerIndex | None = None
     task: asyncio.Task[None] | None = None
@@ -317,9 +323,10 @@ class LayerManager:
             self._ops.remove_layer(layer.spec.layer_id)
         if layer.reader is not None:
             await layer.reader.aclose()
-        if layer.fetcher is not None:
-            with contextlib.suppress(Exception):
-                await layer.fetcher.aclose()
+        for fetcher in [layer.fetcher, *layer.blob_fetchers]:
+            if fetcher is not None:
+                with contextlib.suppress(Exception):
+                    await fetcher.aclose()
 
     async def _run(self, layer: _Layer) -> None:
         """The life of one layer: open, mount, prefetch, ready, background fetch."""
@@ -353,11 +360,16 @@ class LayerManager:
         spec = layer.spec
         if spec.toc_digest is None and not spec.skip_verify:
             raise NoTocDigest("no TOC digest given and verification may not be skipped")
-        layer.fetcher = await self._source.open_blob(spec.ref, spec.digest)
+        if spec.bootstrap is not None:
+            from snapshotter.fs.rafs_opener import FileBlob
+
+            layer.fetcher = FileBlob(spec.bootstrap, spec.digest)
+        else:
+            layer.fetcher = await self._source.open_blob(spec.ref, spec.digest)
         index, _toc = await self._openers[spec.format](layer.fetcher, spec.toc_digest)
         reader = ChunkReader(
-            {"": layer.fetcher}, self._cache, readahead_chunks=spec.readahead_chunks,
-            logger=layer.log,
+            await self._blob_fetchers(layer, index), self._cache,
+            readahead_chunks=spec.readahead_chunks, logger=layer.log,
         )
         layer.index, layer.reader = index, reader
         self._ops.add_layer(MountedLayer(spec.layer_id, spec.digest, index, reader))
@@ -366,6 +378,18 @@ class LayerManager:
             len(index.nodes), index.total_data_bytes(), index.blob_size,
         )
         return index, reader
+
+
+    async def _blob_fetchers(self, layer: _Layer, index: LayerIndex) -> dict[str, BlobFetcher]:
+        """The reader's fetchers: ``""`` is the layer's blob, and each other blob a chunk
+        names (nydus data blobs) is ``sha256:<blob id>`` in the layer's repository."""
+        assert layer.fetcher is not None
+        fetchers: dict[str, BlobFetcher] = {"": layer.fetcher}
+        for blob in sorted({c.blob for n in index.nodes.values() for c in n.chunks} - {""}):
+            fetcher = await self._source.open_blob(layer.spec.ref, f"sha256:{blob}")
+            layer.blob_fetchers.append(fetcher)
+            fetchers[blob] = fetcher
+        return fetchers
 
 
 class NoTocDigest(InvalidArgument):

@@ -85,7 +85,16 @@ def decode_gzip(data: bytes, chunk: Chunk) -> bytes:
     return estargz.read_chunk(data, chunk)
 
 
-DEFAULT_DECODERS: Mapping[str, Decoder] = {"none": decode_none, "gzip": decode_gzip}
+def _rafs_decoders() -> Mapping[str, Decoder]:
+    from snapshotter.formats import chunkcodec
+
+    return chunkcodec.DECODERS
+
+
+# nydus's ``none`` decoder also checks blake3 digests; it is the same as ``decode_none``
+# for the sha256 chunks of other formats.
+DEFAULT_DECODERS: Mapping[str, Decoder] = {
+    "none": decode_none, "gzip": decode_gzip, **_rafs_decoders()}
 
 
 @dataclass(slots=True)
