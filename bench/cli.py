@@ -18,7 +18,15 @@ from typing import Any
 
 from tests.e2e.harness import REPO_ROOT, require_tools
 
-from .env import LAZYSNAP, LAZYSNAP_SHARED, OVERLAYFS, BenchEnv, Variant, parse_extra
+from .env import (
+    LAZYSNAP,
+    LAZYSNAP_NYDUS,
+    LAZYSNAP_SHARED,
+    OVERLAYFS,
+    BenchEnv,
+    Variant,
+    parse_extra,
+)
 from .fsfigures import FS_FIGURES, fs_figures
 from .images import DEFAULT_CACHE, IMAGES, CachedImage, ImageCache
 from .report import document, dump, evaluate, table
@@ -60,6 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--modes", type=_csv(("dedicated", "shared")),
                     default=["dedicated", "shared"], help="lazysnap daemon modes")
     ap.add_argument("--no-overlayfs", action="store_true", help="skip the eager baseline")
+    ap.add_argument("--no-nydus", action="store_true",
+                    help="skip lazysnap-nydus (nydus image, cold-start figure only)")
     ap.add_argument("--lazysnap-config", action="append", default=[], metavar="TOML",
                     help='extra TOML for lazysnap, e.g. "[remote]\\nbackground_fetch = false"')
     ap.add_argument("--api-cycles", type=int, default=100,
@@ -76,7 +86,10 @@ def variants(args: argparse.Namespace) -> list[Variant]:
     """The columns of the comparison, baseline first."""
     out = [] if args.no_overlayfs else [OVERLAYFS]
     out += [v for v in (LAZYSNAP, LAZYSNAP_SHARED) if v.mode in args.modes]
-    return out + list(args.snapshotter)
+    out += list(args.snapshotter)
+    if not args.no_nydus and "cold" in args.only:
+        out.append(LAZYSNAP_NYDUS)
+    return out
 
 
 def log(msg: str) -> None:
@@ -161,17 +174,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     link = None if args.no_shaping else LinkSpec(args.rate, args.rtt)
     chosen = variants(args)
     images: dict[str, CachedImage] = ImageCache(args.cache).ensure(needed_images(args), log)
+    if any(v.cold_only for v in chosen):
+        images.update(ImageCache(args.cache).ensure_nydus(args.images, log))
+    every = [v for v in chosen if not v.cold_only]
     meta: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "argv": list(argv if argv is not None else sys.argv[1:]), "machine": machine(),
         "link": None if link is None else {"rate_bits": link.rate_bits, "rtt_s": link.rtt_s},
-        "variants": [v.name for v in chosen], "reps": args.reps,
+        "variants": [v.name for v in every],
+        "cold_only_variants": [v.name for v in chosen if v.cold_only], "reps": args.reps,
         "image_sizes": {n: {t: v.size for t, v in img.variants.items()}
                         for n, img in images.items()}}
     started = time.monotonic()
     with BenchEnv(chosen, link, ImageCache(args.cache).storage,
                   lazysnap_overrides="\n".join(args.lazysnap_config) + "\n", log=log) as env:
-        run = Run(env, images, chosen, args.reps, link, log=log, api_cycles=args.api_cycles)
+        run = Run(env, images, every, args.reps, link, log=log, api_cycles=args.api_cycles,
+                  cold_extra=[v for v in chosen if v.cold_only])
         measure(run, args, meta)
         meta["retries"] = env.retries
     meta["duration_s"] = round(time.monotonic() - started, 1)

@@ -4,7 +4,8 @@ containerd that knows every snapshotter under test.
 ``Variant`` is one column of the comparison: containerd's built-in ``overlayfs`` (eager:
 ``ctr image pull`` of the gzip image), ``lazysnap`` (dedicated daemons),
 ``lazysnap-shared`` (one shared daemon), each pulling the eStargz image with
-``ctr-remote image rpull``, and any extra proxy snapshotter given as ``NAME=SOCKET``.
+``ctr-remote image rpull``, ``lazysnap-nydus`` (dedicated daemons, rpull of the nydus
+image; cold-start figure only) and any extra proxy snapshotter given as ``NAME=SOCKET``.
 
 ``BenchEnv.cold`` makes a variant cold: the images removed with a synchronous garbage
 collection (content and snapshots go with them), a lazysnap instance restarted on an empty
@@ -45,19 +46,28 @@ class Variant:
     """A snapshotter under test."""
 
     name: str
-    lazy: bool  # eStargz image through rpull (else gzip through ctr image pull)
+    lazy: bool  # rpull of a lazy image (else gzip through ctr image pull)
     mode: str = ""  # lazysnap daemon mode; "" for a snapshotter that is not ours
     socket: str = ""  # extra proxy snapshotters only
+    image_tag: str = ""  # the tag it pulls; "" for the default (esgz if lazy, else gzip)
+    cold_only: bool = False  # measured in the cold-start figure only
 
     @property
     def ours(self) -> bool:
         """True for a lazysnap instance the bench runs (and can restart)."""
         return bool(self.mode)
 
+    @property
+    def tag(self) -> str:
+        """The image tag this variant pulls."""
+        return self.image_tag or ("esgz" if self.lazy else "gzip")
+
 
 OVERLAYFS = Variant("overlayfs", lazy=False)
 LAZYSNAP = Variant("lazysnap", lazy=True, mode="dedicated")
 LAZYSNAP_SHARED = Variant("lazysnap-shared", lazy=True, mode="shared")
+LAZYSNAP_NYDUS = Variant("lazysnap-nydus", lazy=True, mode="dedicated", image_tag="nydus",
+                         cold_only=True)
 
 
 def parse_extra(spec: str) -> Variant:
@@ -194,8 +204,9 @@ class BenchEnv:
     # --- helpers the figures use ------------------------------------------------------------
 
     def ref(self, image: CachedImage, variant: Variant, tag: str = "") -> str:
-        """The reference ``variant`` pulls: the eStargz tag for lazy ones, else gzip."""
-        return image.ref(self.registry.host, tag or ("esgz" if variant.lazy else "gzip"))
+        """The reference ``variant`` pulls: its tag (eStargz for lazy ones, nydus for
+        lazysnap-nydus, else gzip) unless ``tag`` is given."""
+        return image.ref(self.registry.host, tag or variant.tag)
 
     def pull(self, variant: Variant, ref: str) -> float:
         """Pull ``ref`` for ``variant`` (rpull or ``ctr image pull``); seconds taken."""

@@ -50,6 +50,12 @@ class Run:
     log: Callable[[str], None] = print
     samples: list[Sample] = field(default_factory=list)
     api_cycles: int = 100
+    cold_extra: Sequence[Variant] = ()  # measured in the cold-start figure only (nydus)
+
+    @property
+    def cold_variants(self) -> list[Variant]:
+        """The columns of the cold-start figure: every variant plus ``cold_extra``."""
+        return [*self.variants, *self.cold_extra]
 
     def add(self, figure: str, image: str, case: str, variant: str, rep: int,
             values: dict[str, float]) -> None:
@@ -76,7 +82,7 @@ def cold_start(run: Run, image: str) -> None:
     img = run.images[image]
     for wl in IMAGES[image].workloads:
         for rep in range(run.reps):
-            for v in run.variants:
+            for v in run.cold_variants:
                 values = _one_cold_start(run, img, wl, v)
                 run.add("cold", image, wl.name, v.name, rep, values)
                 run.log(f"  cold {image}/{wl.name} rep {rep} {v.name}: "
@@ -106,7 +112,7 @@ def _one_cold_start(run: Run, img: CachedImage, wl: Workload, v: Variant) -> dic
         expect = img.facts.get("big_md5", "")
     if expect and expect not in out:
         raise BenchError(f"{wl.name} on {v.name}: expected {expect!r} in output, got {out!r}")
-    size = img.variants["esgz" if v.lazy else "gzip"].size
+    size = img.variants[v.tag].size
     return {"pull_s": pull_s, "create_s": create_s, "run_s": run_s,
             "total_s": pull_s + create_s + run_s, "registry_bytes": float(total_bytes),
             "registry_run_bytes": float(total_bytes - pulled),
