@@ -351,13 +351,19 @@ def _write_file(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def classify_error(err: LazysnapError) -> RemoteLayerError:
-    """The fallback reason for an error met while checking a bootstrap layer."""
+def classify_error(
+    err: LazysnapError, format_reason: str = "invalid_bootstrap"
+) -> RemoteLayerError:
+    """The fallback reason for an error met while checking a layer.
+
+    ``format_reason`` names a malformed layer index (``invalid_bootstrap`` for nydus,
+    ``invalid_toc`` for eStargz); the other reasons are the same for every format.
+    """
     if isinstance(err, RemoteLayerError):
         return err
     table: tuple[tuple[type[LazysnapError], str], ...] = (
         (DigestMismatch, "digest_mismatch"),
-        (FormatError, "invalid_bootstrap"),
+        (FormatError, format_reason),
         (BlobNotFound, "blob_not_found"),
         (RegistryAuthError, "registry_auth"),
         (RegistryTimeout, "timeout"),

@@ -21,6 +21,7 @@ an unmarked nydus layer. Blob layers are served by no daemon (``check`` passes).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -30,14 +31,9 @@ from snapshotter import labels as L
 from snapshotter import nydus
 from snapshotter.config import Config
 from snapshotter.errdefs import (
-    BlobNotFound,
     DaemonError,
-    DigestMismatch,
     FormatError,
     LazysnapError,
-    RegistryAuthError,
-    RegistryError,
-    RegistryTimeout,
     RemoteLayerError,
 )
 from snapshotter.formats import estargz
@@ -51,19 +47,11 @@ TOC_MEMBER_SLACK = 1 << 20
 
 
 def registry_hosts(config: Config) -> HostsConfig:
-    """The registry client's host configuration from lazysnap's ``[registry]`` table."""
-    reg = config.registry
-    table: dict[str, Any] = {
-        "mirrors": reg.mirrors, "insecure": reg.insecure,
-        "request_timeout": reg.request_timeout, "connect_timeout": reg.connect_timeout,
-        "deadline": reg.deadline, "max_retries": reg.max_retries,
-        "max_concurrency": reg.max_concurrency, "multi_range": reg.multi_range,
-        "max_ranges_per_request": reg.max_ranges_per_request,
-        "coalesce_gap": reg.coalesce_gap, "max_request_bytes": reg.max_request_bytes,
-    }
-    if reg.docker_config:
-        table["docker_config"] = reg.docker_config
-    return HostsConfig.from_dict(table)
+    """The registry client's host configuration from lazysnap's ``[registry]`` table.
+
+    The keys are the same on both sides (daemons get the same table as JSON).
+    """
+    return HostsConfig.from_dict(dataclasses.asdict(config.registry))
 
 
 class LazyLayers:
@@ -90,7 +78,7 @@ class LazyLayers:
         except TimeoutError:
             raise RemoteLayerError("timeout", f"layer check took over {timeout:.0f}s") from None
         except LazysnapError as e:
-            refused = _classify(e)
+            refused = nydus.classify_error(e, format_reason="invalid_toc")
             kind = await self.nydus.detect(labels) if refused.reason == "not_estargz" else None
             if kind is None:
                 raise refused from e
@@ -180,23 +168,3 @@ class LazyLayers:
             toc = labels.get(L.TOC_DIGEST) or None
             wanted[sid] = (mountpoint, self._spec(sid, source[0], source[1], toc))
         await self.manager.start(wanted)
-
-
-def _classify(err: LazysnapError) -> RemoteLayerError:
-    """The fallback reason for an error met while checking a layer."""
-    if isinstance(err, RemoteLayerError):
-        return err
-    reason = "registry_error"
-    if isinstance(err, DigestMismatch):
-        reason = "digest_mismatch"
-    elif isinstance(err, FormatError):
-        reason = "invalid_toc"
-    elif isinstance(err, BlobNotFound):
-        reason = "blob_not_found"
-    elif isinstance(err, RegistryAuthError):
-        reason = "registry_auth"
-    elif isinstance(err, RegistryTimeout):
-        reason = "timeout"
-    elif not isinstance(err, RegistryError):
-        reason = "invalid_source"
-    return RemoteLayerError(reason, str(err))
