@@ -52,6 +52,9 @@ class RemoteConfig:
     background_fetch: bool = True
     # Bytes per second for the background fetch; 0 means unlimited.
     background_rate: int = 0
+    # Seconds without on-demand fetches (in any remote layer) before the background fetch
+    # runs; it pauses again on the next on-demand fetch. 0 means it never waits.
+    background_silence: float = 5.0
     # Chunks fetched ahead of a sequential reader.
     readahead_chunks: int = 4
     # Seconds the kernel may cache entries and attributes of a remote layer.
@@ -140,6 +143,11 @@ class Config:
     @property
     def cache_dir(self) -> str:
         return self.cache.dir or str(Path(self.root) / "cache")
+
+    @property
+    def activity_file(self) -> str:
+        """The file through which daemons share on-demand activity (fs.activity)."""
+        return str(Path(self.root) / "activity")
 
     def with_overrides(self, **flags: str | None) -> Config:
         """Return a copy with the top-level keys given (non-None) replaced."""
@@ -255,6 +263,7 @@ def _check(config: Config) -> None:
     for key, ival in (
         ("cache.limit_bytes", config.cache.limit_bytes),
         ("remote.background_rate", config.remote.background_rate),
+        ("remote.background_silence", config.remote.background_silence),
         ("daemon.restart_limit", config.daemon.restart_limit),
     ):
         if ival < 0:

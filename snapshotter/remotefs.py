@@ -142,6 +142,8 @@ class LazyLayers:
             "prefetch_timeout_s": remote.prefetch_timeout,
             "background_fetch": remote.background_fetch,
             "background_rate_bytes_per_s": remote.background_rate,
+            "background_silence_s": remote.background_silence,
+            "activity_file": self.config.activity_file,
             "readahead_chunks": remote.readahead_chunks,
         }
 

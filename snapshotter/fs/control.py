@@ -63,6 +63,9 @@ class LayerSpec:
     read-ahead. ``bootstrap`` (RAFS formats only): the absolute path of the nydus
     bootstrap to serve; ``toc_digest`` is then the bootstrap's digest, ``digest`` the
     bootstrap layer's, and the chunks are read from ``sha256:<blob id>`` blobs of ``ref``.
+    ``background_silence_s``: seconds without on-demand fetches the background fetch waits
+    for (0 = none); ``activity_file``: the absolute path through which daemons share that
+    activity (None: this daemon's layers only); see ``snapshotter.fs.activity``.
     """
 
     layer_id: int
@@ -76,6 +79,8 @@ class LayerSpec:
     background_rate_bytes_per_s: int = 0
     readahead_chunks: int = 4
     bootstrap: str | None = None
+    background_silence_s: float = 0.0
+    activity_file: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -102,6 +107,9 @@ class LayerSpec:
             background_rate_bytes_per_s=get(raw, "background_rate_bytes_per_s", int, 0),
             readahead_chunks=get(raw, "readahead_chunks", int, 4),
             bootstrap=get(raw, "bootstrap", str, None, allow_none=True),
+            background_silence_s=float(
+                get(raw, "background_silence_s", (int, float), 0.0)),
+            activity_file=get(raw, "activity_file", str, None, allow_none=True),
         )
         spec.check()
         return spec
@@ -114,8 +122,11 @@ class LayerSpec:
             raise InvalidArgument("layer spec needs a ref and a sha256 digest")
         if self.format not in FORMATS:
             raise InvalidArgument(f"unsupported layer format {self.format!r}")
-        if self.background_rate_bytes_per_s < 0 or self.readahead_chunks < 0:
-            raise InvalidArgument("rates and read-ahead must not be negative")
+        if (self.background_rate_bytes_per_s < 0 or self.readahead_chunks < 0
+                or self.background_silence_s < 0):
+            raise InvalidArgument("rates, read-ahead and silence must not be negative")
+        if self.activity_file is not None and not os.path.isabs(self.activity_file):
+            raise InvalidArgument("the activity file path must be absolute")
         if self.bootstrap is not None and (self.format not in BOOTSTRAP_FORMATS
                                            or not os.path.isabs(self.bootstrap)):
             raise InvalidArgument("a bootstrap path must be absolute, for a RAFS layer")

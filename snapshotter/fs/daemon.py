@@ -53,6 +53,7 @@ from snapshotter.errdefs import (
     Unavailable,
 )
 from snapshotter.formats.index import LayerIndex
+from snapshotter.fs.activity import Activity
 from snapshotter.fs.control import (
     ControlServer,
     DaemonStatus,
@@ -244,6 +245,14 @@ class LayerManager:
         self._source = source
         self._openers = dict(openers) if openers is not None else default_openers()
         self._layers: dict[int, _Layer] = {}
+        self._activities: dict[str | None, Activity] = {}
+
+    def activity(self, path: str | None) -> Activity:
+        """The one ``Activity`` of this daemon for ``path`` (layers share it)."""
+        found = self._activities.get(path)
+        if found is None:
+            found = self._activities[path] = Activity(path)
+        return found
 
     def status(self) -> DaemonStatus:
         totals = ReaderCounters()
@@ -277,6 +286,7 @@ class LayerManager:
             raise InvalidArgument(f"shared-mode layer ids are 1..{MAX_LAYER_ID}")
         layer = _Layer(spec=spec, log=LayerLog(log, {"digest": spec.digest}))
         self._layers[spec.layer_id] = layer
+        self.activity(spec.activity_file).note()  # a mount is part of a pull: not quiet
         layer.task = asyncio.get_running_loop().create_task(self._run(layer))
         return layer.status()
 
@@ -343,6 +353,7 @@ class LayerManager:
             prefetch_timeout_s=spec.prefetch_timeout_s,
             background=spec.background_fetch,
             background_rate_bytes_per_s=spec.background_rate_bytes_per_s,
+            background_silence_s=spec.background_silence_s,
         )
         progress, fetch = layer.progress, self.counters.fetch
         await policy.prefetch(reader, index, progress, layer.log)
@@ -351,7 +362,8 @@ class LayerManager:
         layer.ready = True
         layer.settled.set()
         layer.log.info("ready (prefetch %s)", "done" if progress.prefetch_done else "skipped")
-        await policy.background_fetch(reader, index, progress, layer.log)
+        await policy.background_fetch(reader, index, progress, layer.log,
+                                      self.activity(spec.activity_file))
         if policy.background:
             fetch.record("background", progress.fully_fetched, progress.background_bytes,
                          progress.background_seconds)
@@ -370,6 +382,7 @@ class LayerManager:
         reader = ChunkReader(
             await self._blob_fetchers(layer, index), self._cache,
             readahead_chunks=spec.readahead_chunks, logger=layer.log,
+            activity=self.activity(spec.activity_file),
         )
         layer.index, layer.reader = index, reader
         self._ops.add_layer(MountedLayer(spec.layer_id, spec.digest, index, reader))

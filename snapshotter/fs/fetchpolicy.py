@@ -10,9 +10,13 @@ Prefetch (before ready): the files the image producer marked as needed first.
     the cache, every chunk can still be fetched on demand. ``prefetch_timeout_s <= 0``
     disables prefetch.
 
-Background fetch (after ready, when enabled): every chunk of every regular file, paced to
-``background_rate_bytes_per_s`` (0 = unpaced). Success sets ``fully_fetched``; an error is
-recorded in ``background_error`` and ends the background fetch (reads still work on demand).
+Background fetch (after ready, when enabled): every chunk of every regular file, in
+batches of ``BACKGROUND_BATCH_BYTES``, paced to ``background_rate_bytes_per_s`` (0 =
+unpaced). Before each batch it waits until no layer sharing the ``Activity`` has had an
+on-demand fetch for ``background_silence_s`` seconds (0 = no waiting), so a running
+container's misses never queue behind it; a small batch bounds how long a miss that comes
+during a batch shares the link with it. Success sets ``fully_fetched``; an error is recorded
+in ``background_error`` and ends the background fetch (reads still work on demand).
 
 The policy talks to the reader only through ``BulkFetcher.fetch_all``, so it is tested with
 a fake.
@@ -22,18 +26,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
 from snapshotter.formats.index import LayerIndex, Node, NodeKind
+from snapshotter.fs.activity import Activity
+
+BACKGROUND_BATCH_BYTES = 1 << 20
 
 
 class BulkFetcher(Protocol):
     """The part of ``ChunkReader`` the policy needs."""
 
-    async def fetch_all(self, nodes: Iterable[Node], rate_limit_bytes_per_s: int = 0) -> int:
-        """Bring every chunk of ``nodes`` into the cache; return compressed bytes fetched."""
+    async def fetch_all(
+        self,
+        nodes: Iterable[Node],
+        rate_limit_bytes_per_s: int = 0,
+        *,
+        batch_bytes: int = ...,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
+        """Bring every chunk of ``nodes`` into the cache; return compressed bytes fetched.
+
+        ``gate`` is awaited before each batch of about ``batch_bytes``."""
         ...
 
 
@@ -97,6 +113,7 @@ class FetchPolicy:
     prefetch_timeout_s: float
     background: bool
     background_rate_bytes_per_s: int = 0
+    background_silence_s: float = 0.0
 
     async def prefetch(
         self,
@@ -134,14 +151,25 @@ class FetchPolicy:
         index: LayerIndex,
         progress: FetchProgress,
         log: logging.LoggerAdapter[logging.Logger],
+        activity: Activity | None = None,
     ) -> None:
-        """Fetch the whole layer if enabled; never raises (except cancellation)."""
+        """Fetch the whole layer if enabled; never raises (except cancellation).
+
+        ``activity``: whose quiet the fetch waits for (default: a private one, which
+        nothing but this layer's reader would update)."""
         if not self.background:
             return
+        quiet = activity if activity is not None else Activity(None)
+        silence = self.background_silence_s
+
+        async def gate() -> None:
+            await quiet.wait_quiet(silence)
+
         started = asyncio.get_running_loop().time()
         try:
             fetched = await reader.fetch_all(
-                background_nodes(index), self.background_rate_bytes_per_s
+                background_nodes(index), self.background_rate_bytes_per_s,
+                batch_bytes=BACKGROUND_BATCH_BYTES, gate=gate,
             )
         except Exception as exc:  # registry, format or local I/O: all only degrade
             progress.background_error = f"background fetch failed: {exc}"

@@ -15,7 +15,9 @@ Guarantees:
     in the background (one fetch per chunk, so they arrive in order and overlap), which lets
     a sequential reader run at link rate rather than one round trip per chunk;
   * every background task belongs to the reader; ``aclose`` cancels them and fails their
-    waiters with ``Unavailable``.
+    waiters with ``Unavailable``;
+  * every on-demand miss and read-ahead is reported to the ``activity`` given (see
+    ``activity.Activity``), which the background fetch waits on to stay out of the way.
 
 Failure modes of ``read``/``fetch_all``: whatever the fetcher raises (``RegistryError`` and
 subclasses), ``DigestMismatch``/``FormatError`` from decoding, ``FormatError`` for an
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 from snapshotter.cache.chunkcache import ChunkCache, chunk_key
 from snapshotter.errdefs import DigestMismatch, FormatError, Unavailable
 from snapshotter.formats.index import Chunk, Node, NodeKind
+from snapshotter.fs.activity import Activity
 from snapshotter.remote.base import BlobFetcher
 
 log = logging.getLogger(__name__)
@@ -121,7 +124,8 @@ class ChunkReader:
 
     ``fetchers`` maps ``Chunk.blob`` to the blob's fetcher (``""`` = the layer blob).
     ``readahead_chunks`` = 0 disables read-ahead. ``sleep`` paces ``fetch_all`` (a test
-    passes a fake); ``logger`` names the layer in messages.
+    passes a fake); ``logger`` names the layer in messages; ``activity`` is told of every
+    on-demand miss and read-ahead (default: a private one).
     """
 
     def __init__(
@@ -133,8 +137,10 @@ class ChunkReader:
         decoders: Mapping[str, Decoder] = DEFAULT_DECODERS,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
+        activity: Activity | None = None,
     ) -> None:
         self._fetchers = dict(fetchers)
+        self.activity = activity if activity is not None else Activity(None)
         self._cache = cache
         self._readahead = max(0, readahead_chunks)
         self._decoders = dict(decoders)
@@ -177,6 +183,7 @@ class ChunkReader:
             pieces.append(b"")
             waits.append((len(pieces) - 1, fut, lo, hi))
         if missing:
+            self.activity.note()
             self._spawn(missing)
         for pos, fut, lo, hi in waits:
             pieces[pos] = (await asyncio.shield(fut))[lo:hi]
@@ -185,18 +192,28 @@ class ChunkReader:
         self.counters.served_bytes += len(out)
         return out
 
-    async def fetch_all(self, nodes: Iterable[Node], rate_limit_bytes_per_s: int = 0) -> int:
+    async def fetch_all(
+        self,
+        nodes: Iterable[Node],
+        rate_limit_bytes_per_s: int = 0,
+        *,
+        batch_bytes: int = _BATCH_BYTES,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
         """Make sure every chunk of ``nodes`` is in the cache; return compressed bytes fetched.
 
-        Chunks are fetched in blob order in batches of about 4 MiB compressed, one batch at
-        a time; ``rate_limit_bytes_per_s`` > 0 paces the batches so the average rate stays
-        below it. Chunks already cached or being fetched by someone else are not fetched
-        again. Raises the first fetch or verification error.
+        Chunks are fetched in blob order in batches of about ``batch_bytes`` compressed, one
+        batch at a time; ``gate`` (if given) is awaited before each batch (the background
+        fetch waits there for quiet); ``rate_limit_bytes_per_s`` > 0 paces the batches so
+        the average rate stays below it. Chunks already cached or being fetched by someone
+        else are not fetched again. Raises the first fetch or verification error.
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
         fetched = 0
-        for batch in self._batches(nodes):
+        for batch in self._batches(nodes, batch_bytes):
+            if gate is not None:
+                await gate()
             futs: list[asyncio.Future[bytes]] = []
             missing: list[tuple[Chunk, str]] = []
             for chunk, key in batch:
@@ -335,7 +352,7 @@ class ChunkReader:
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
 
-    def _batches(self, nodes: Iterable[Node]) -> list[list[tuple[Chunk, str]]]:
+    def _batches(self, nodes: Iterable[Node], limit: int) -> list[list[tuple[Chunk, str]]]:
         seen: set[str] = set()
         items: list[tuple[Chunk, str]] = []
         for node in nodes:
@@ -348,7 +365,7 @@ class ChunkReader:
         batches: list[list[tuple[Chunk, str]]] = []
         size = 0
         for item in items:
-            if not batches or size >= _BATCH_BYTES or batches[-1][0][0].blob != item[0].blob:
+            if not batches or size >= limit or batches[-1][0][0].blob != item[0].blob:
                 batches.append([])
                 size = 0
             batches[-1].append(item)
@@ -384,6 +401,7 @@ class ChunkReader:
                 continue
             self._register(key)
             self.counters.readahead_chunks += 1
+            self.activity.note()
             self._spawn([(chunk, key)])
         state.ahead = max(state.ahead, stop - 1)
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
+from pathlib import Path
 
 from snapshotter.errdefs import RegistryUnavailable
 from snapshotter.formats.index import ROOT_INO, LayerIndex, Node
+from snapshotter.fs.activity import Activity
 from snapshotter.fs.fetchpolicy import (
+    BACKGROUND_BATCH_BYTES,
     FetchPolicy,
     FetchProgress,
     background_nodes,
@@ -25,9 +28,19 @@ class Bulk:
         self.fail = fail
         self.hang = hang
 
-    async def fetch_all(self, nodes: Iterable[Node], rate_limit_bytes_per_s: int = 0) -> int:
+    async def fetch_all(
+        self,
+        nodes: Iterable[Node],
+        rate_limit_bytes_per_s: int = 0,
+        *,
+        batch_bytes: int = 4 << 20,
+        gate: Callable[[], Awaitable[None]] | None = None,
+    ) -> int:
         nodes = list(nodes)
         self.calls.append(([str(n.ino) for n in nodes], rate_limit_bytes_per_s))
+        self.batch_bytes = batch_bytes
+        if gate is not None:
+            await gate()
         if self.hang:
             await asyncio.Event().wait()
         if self.fail is not None:
@@ -94,3 +107,58 @@ async def test_disabled_prefetch_and_background() -> None:
     await FetchPolicy(1, True).background_fetch(Bulk(fail=RegistryUnavailable("x")), index,
                                                 progress, LOG)
     assert not progress.fully_fetched and progress.background_error
+
+
+class Clock:
+    """A fake wall clock whose ``sleep`` advances time instead of waiting."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self.slept: list[float] = []
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+async def test_background_fetch_waits_for_silence_then_runs_in_small_batches() -> None:
+    index, _ = layer()
+    clock = Clock()
+    activity = Activity(None, clock=clock, sleep=clock.sleep)
+    activity.note()  # a read just happened
+    clock.now += 1.0
+    bulk, progress = Bulk(), FetchProgress()
+    policy = FetchPolicy(1, True, background_silence_s=5.0)
+    await policy.background_fetch(bulk, index, progress, LOG, activity)
+    assert clock.slept == [4.0]  # the rest of the silence period, then the fetch
+    assert progress.fully_fetched and bulk.batch_bytes == BACKGROUND_BATCH_BYTES
+
+
+async def test_activity_is_shared_through_the_file(tmp_path: Path) -> None:
+    clock = Clock(now=2_000_000_000.0)
+    path = str(tmp_path / "activity")
+    one = Activity(path, clock=clock, sleep=clock.sleep)
+    other = Activity(path, clock=clock, sleep=clock.sleep)
+    assert other.idle_for() == clock.now  # nothing recorded anywhere yet
+    one.note()  # creates the file, mtime = now
+    clock.now += 2.0
+    assert other.idle_for() == 2.0  # the other daemon sees it through the file
+    await other.wait_quiet(5.0)
+    assert clock.slept == [3.0]
+    one.note()
+    one.note()  # within TOUCH_INTERVAL_S: no second utime, still counted locally
+    assert one.idle_for() == 0.0
+
+
+async def test_activity_file_problems_degrade_to_local_activity(tmp_path: Path) -> None:
+    clock = Clock()
+    activity = Activity(str(tmp_path / "missing-dir" / "activity"), clock=clock,
+                        sleep=clock.sleep)
+    activity.note()  # cannot create the file: warned once, local time kept
+    clock.now += 1.5
+    assert activity.idle_for() == 1.5
+    await activity.wait_quiet(0)  # no silence asked: returns at once
+    assert clock.slept == []

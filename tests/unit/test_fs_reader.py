@@ -181,3 +181,44 @@ async def test_a_malformed_digest_fails_the_read_without_leaving_flights(tmp_pat
         await reader.read(odd, 0, 200)
     assert reader._inflight == {}
     assert await reader.read(node, 0, 100) == DATA[:100]
+
+
+async def test_misses_and_read_ahead_are_reported_as_activity_hits_are_not(
+        tmp_path: Path) -> None:
+    from snapshotter.fs.activity import Activity
+
+    notes: list[str] = []
+
+    class Recorder(Activity):
+        def note(self) -> None:
+            notes.append("note")
+
+    b = LayerBuilder()
+    node = b.file(ROOT_INO, "f", DATA, chunk_size=100)
+    _, blob = b.build()
+    reader = ChunkReader({"": FakeFetcher(blob)}, ChunkCache(tmp_path, 1 << 30),
+                         readahead_chunks=2, activity=Recorder(None))
+    assert await reader.read(node, 0, 50) == DATA[:50]  # miss
+    assert notes == ["note"]
+    assert await reader.read(node, 50, 100) == DATA[50:150]  # miss of chunk 1, sequential
+    await reader.wait_idle()
+    assert len(notes) == 2 + reader.counters.readahead_chunks > 2
+    before = len(notes)
+    assert await reader.read(node, 0, 100) == DATA[:100]  # cached: no activity
+    assert len(notes) == before
+
+
+async def test_fetch_all_awaits_the_gate_before_every_batch(tmp_path: Path) -> None:
+    data = b"".join(i.to_bytes(4, "big") * (1 << 16) for i in range(4))  # 4 distinct chunks
+    b = LayerBuilder()
+    node = b.file(ROOT_INO, "big", data, chunk_size=1 << 18)
+    _, blob = b.build()
+    fetcher = FakeFetcher(blob)
+    reader = ChunkReader({"": fetcher}, ChunkCache(tmp_path, 1 << 30))
+    gates: list[int] = []
+
+    async def gate() -> None:
+        gates.append(len(fetcher.calls))  # how many batches went before this wait
+
+    assert await reader.fetch_all([node], batch_bytes=1 << 19, gate=gate) == len(data)
+    assert gates == [0, 1] and len(fetcher.calls) == 2
