@@ -74,6 +74,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help='extra TOML for lazysnap, e.g. "[remote]\\nbackground_fetch = false"')
     ap.add_argument("--api-cycles", type=int, default=100,
                     help="API cycles per repetition with one client (x4 with 16)")
+    ap.add_argument("--keep-logs", action="store_true",
+                    help="keep every log in bench/results/logs-<time> (default: on failure)")
     ap.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where to write JSON")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="image cache")
     args = ap.parse_args(argv)
@@ -187,7 +189,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         for n, img in images.items()}}
     started = time.monotonic()
     with BenchEnv(chosen, link, ImageCache(args.cache).storage,
-                  lazysnap_overrides="\n".join(args.lazysnap_config) + "\n", log=log) as env:
+                  lazysnap_overrides="\n".join(args.lazysnap_config) + "\n", log=log,
+                  always_keep_logs=args.keep_logs) as env:
         run = Run(env, images, every, args.reps, link, log=log, api_cycles=args.api_cycles,
                   cold_extra=[v for v in chosen if v.cold_only])
         measure(run, args, meta)

@@ -122,6 +122,7 @@ class BenchEnv:
     storage: Path
     lazysnap_overrides: str = ""  # TOML appended to every lazysnap config
     log: Callable[[str], None] = print
+    always_keep_logs: bool = False  # keep the logs even when the run succeeds
     workdir: Path = field(default_factory=lambda: Path(
         tempfile.mkdtemp(prefix="lazysnap-bench-", dir="/tmp")))
 
@@ -170,7 +171,7 @@ class BenchEnv:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None:
+        if exc_type is not None or self.always_keep_logs:
             self.keep_logs()
         self.close()
 

@@ -145,6 +145,11 @@ class Config:
         return self.cache.dir or str(Path(self.root) / "cache")
 
     @property
+    def toc_dir(self) -> str:
+        """Where the checked TOCs of mounted eStargz layers are kept for their daemons."""
+        return str(Path(self.root) / "tocs")
+
+    @property
     def activity_file(self) -> str:
         """The file through which daemons share on-demand activity (fs.activity)."""
         return str(Path(self.root) / "activity")

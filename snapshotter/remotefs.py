@@ -21,9 +21,12 @@ an unmarked nydus layer. Blob layers are served by no daemon (``check`` passes).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from daemon_manager.manager import DaemonManager
@@ -54,6 +57,16 @@ def registry_hosts(config: Config) -> HostsConfig:
     return HostsConfig.from_dict(dataclasses.asdict(config.registry))
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckedToc:
+    """A layer's TOC as checked on Prepare: its digest, JSON, blob size, member offset."""
+
+    digest: str
+    json: bytes
+    blob_size: int
+    toc_offset: int
+
+
 class LazyLayers:
     """Decides, checks and mounts remote layers; see the module docstring."""
 
@@ -74,7 +87,7 @@ class LazyLayers:
         timeout = self.config.remote.mount_timeout
         try:
             fetcher = self.client.open_blob(ref, digest)
-            toc_digest = await asyncio.wait_for(self._check_estargz(fetcher, labels), timeout)
+            checked = await asyncio.wait_for(self._check_estargz(fetcher, labels), timeout)
         except TimeoutError:
             raise RemoteLayerError("timeout", f"layer check took over {timeout:.0f}s") from None
         except LazysnapError as e:
@@ -83,12 +96,43 @@ class LazyLayers:
             if kind is None:
                 raise refused from e
             return await self.nydus.mount(sid, mountpoint, labels, kind)
-        spec = self._spec(sid, ref, digest, toc_digest)
+        spec = self._spec(sid, ref, digest, checked.digest)
         try:
+            spec.update(await asyncio.to_thread(self._save_toc, sid, checked))
             await self.manager.mount(sid, mountpoint, spec)
         except (DaemonError, OSError) as e:
+            self._drop_toc(sid)
             raise RemoteLayerError("daemon_error", str(e)) from e
         return "estargz"
+
+    def _toc_path(self, sid: int) -> Path:
+        return Path(self.config.toc_dir) / f"{sid}.json"
+
+    def _save_toc(self, sid: int, checked: CheckedToc) -> dict[str, Any]:
+        """Write the checked TOC for the daemon (atomically); return the spec's keys for it.
+
+        The daemon verifies the file against the TOC digest again and fetches the TOC
+        itself if the file is unusable, so this only saves round trips."""
+        path = self._toc_path(sid)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_bytes(checked.json)
+        os.replace(tmp, path)
+        return {"toc_file": str(path), "blob_size": checked.blob_size,
+                "toc_offset": checked.toc_offset}
+
+    def _drop_stale_tocs(self, keep: set[int]) -> None:
+        """Remove TOC files of snapshots that are no longer remote (left by a crash)."""
+        with contextlib.suppress(OSError):
+            for entry in os.scandir(self.config.toc_dir):
+                stem, _, _ = entry.name.partition(".")
+                if not (stem.isdigit() and int(stem) in keep and entry.name.endswith(".json")):
+                    with contextlib.suppress(OSError):
+                        os.unlink(entry.path)
+
+    def _drop_toc(self, sid: int) -> None:
+        with contextlib.suppress(OSError):
+            self._toc_path(sid).unlink()
 
     def _expected_toc_digest(self, labels: Mapping[str, str]) -> str | None:
         """The TOC digest to verify against, None when unverified mounting is allowed."""
@@ -106,8 +150,9 @@ class LazyLayers:
             " remote.allow_no_verification = true)",
         )
 
-    async def _check_estargz(self, fetcher: BlobFetcher, labels: Mapping[str, str]) -> str:
-        """Fetch footer and TOC, check them; return the TOC's digest. Typed errors only.
+    async def _check_estargz(self, fetcher: BlobFetcher, labels: Mapping[str, str]
+                             ) -> CheckedToc:
+        """Fetch footer and TOC, check them; return the TOC. Typed errors only.
 
         The format is sniffed before the TOC digest label is required, so that a layer
         that is not eStargz at all is reported as such (``not_estargz``), as stargz does.
@@ -131,7 +176,7 @@ class LazyLayers:
         if expected is not None:
             estargz.verify_toc(toc, expected)
         estargz.build_index(toc, size, data_end=start)
-        return estargz.toc_digest(toc)
+        return CheckedToc(estargz.toc_digest(toc), toc, size, start)
 
     def _spec(self, sid: int, ref: str, digest: str, toc_digest: str | None) -> dict[str, Any]:
         """The daemon's LayerSpec; with no TOC digest the daemon skips verification."""
@@ -154,8 +199,10 @@ class LazyLayers:
     async def unmount(self, sid: int) -> None:
         self.nydus.daemonless.discard(sid)
         await self.manager.unmount(sid)
+        self._drop_toc(sid)
 
     async def restore(self, remote: dict[int, tuple[str, Mapping[str, str]]]) -> None:
+        await asyncio.to_thread(self._drop_stale_tocs, set(remote))
         wanted: dict[int, tuple[str, dict[str, Any]]] = {}
         for sid, (mountpoint, labels) in remote.items():
             if nydus.is_nydus_snapshot(labels):

@@ -455,6 +455,17 @@ async def open_layer(
     FormatError for anything malformed; fetcher errors propagate unchanged.
     """
     blob_size, footer, toc_json = await fetch_toc(fetcher, max_toc_bytes)
+    return index_toc(toc_json, blob_size, footer.toc_offset, expected_toc_digest), toc_json
+
+
+def index_toc(
+    toc_json: bytes, blob_size: int, toc_offset: int, expected_toc_digest: str | None
+) -> LayerIndex:
+    """Verify ``toc_json`` against ``expected_toc_digest`` (None: not verified) and index it.
+
+    ``toc_offset`` is where the TOC member starts in the blob (payload ranges end there).
+    Raises DigestMismatch or FormatError.
+    """
     if expected_toc_digest is not None:
         verify_toc(toc_json, expected_toc_digest)
-    return build_index(toc_json, blob_size, data_end=footer.toc_offset), toc_json
+    return build_index(toc_json, blob_size, data_end=toc_offset)

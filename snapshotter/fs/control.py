@@ -66,6 +66,11 @@ class LayerSpec:
     ``background_silence_s``: seconds without on-demand fetches the background fetch waits
     for (0 = none); ``activity_file``: the absolute path through which daemons share that
     activity (None: this daemon's layers only); see ``snapshotter.fs.activity``.
+    ``toc_file`` (eStargz only): the absolute path of the layer's TOC JSON, already fetched
+    and checked by the snapshotter, with ``blob_size`` and ``toc_offset`` (where the TOC
+    member starts); the daemon then mounts without a request to the registry, still
+    verifying the file against ``toc_digest``, and fetches footer and TOC itself when the
+    file is missing or does not verify.
     """
 
     layer_id: int
@@ -81,6 +86,9 @@ class LayerSpec:
     bootstrap: str | None = None
     background_silence_s: float = 0.0
     activity_file: str | None = None
+    toc_file: str | None = None
+    blob_size: int | None = None
+    toc_offset: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,6 +118,9 @@ class LayerSpec:
             background_silence_s=float(
                 get(raw, "background_silence_s", (int, float), 0.0)),
             activity_file=get(raw, "activity_file", str, None, allow_none=True),
+            toc_file=get(raw, "toc_file", str, None, allow_none=True),
+            blob_size=get(raw, "blob_size", int, None, allow_none=True),
+            toc_offset=get(raw, "toc_offset", int, None, allow_none=True),
         )
         spec.check()
         return spec
@@ -127,6 +138,12 @@ class LayerSpec:
             raise InvalidArgument("rates, read-ahead and silence must not be negative")
         if self.activity_file is not None and not os.path.isabs(self.activity_file):
             raise InvalidArgument("the activity file path must be absolute")
+        if self.toc_file is not None:
+            if self.format != "estargz" or not os.path.isabs(self.toc_file):
+                raise InvalidArgument("a TOC file path must be absolute, for an eStargz layer")
+            if (self.blob_size is None or self.toc_offset is None
+                    or not 0 <= self.toc_offset < self.blob_size):
+                raise InvalidArgument("a TOC file needs blob_size and a toc_offset inside it")
         if self.bootstrap is not None and (self.format not in BOOTSTRAP_FORMATS
                                            or not os.path.isabs(self.bootstrap)):
             raise InvalidArgument("a bootstrap path must be absolute, for a RAFS layer")

@@ -76,7 +76,10 @@ LayerOpener = Callable[[BlobFetcher, str | None], Awaitable[tuple[LayerIndex, by
 class BlobSource(Protocol):
     """Where blob fetchers come from (the registry client in production)."""
 
-    async def open_blob(self, ref: str, digest: str) -> BlobFetcher: ...
+    async def open_blob(self, ref: str, digest: str, size: int | None = None) -> BlobFetcher:
+        """A fetcher of blob ``digest`` in ``ref``'s repository; ``size``, when known,
+        spares the size request."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -372,13 +375,17 @@ class LayerManager:
         spec = layer.spec
         if spec.toc_digest is None and not spec.skip_verify:
             raise NoTocDigest("no TOC digest given and verification may not be skipped")
-        if spec.bootstrap is not None:
+        index = self._local_toc(layer)
+        if index is not None:
+            layer.fetcher = await self._source.open_blob(spec.ref, spec.digest, spec.blob_size)
+        elif spec.bootstrap is not None:
             from snapshotter.fs.rafs_opener import FileBlob
 
             layer.fetcher = FileBlob(spec.bootstrap, spec.digest)
         else:
             layer.fetcher = await self._source.open_blob(spec.ref, spec.digest)
-        index, _toc = await self._openers[spec.format](layer.fetcher, spec.toc_digest)
+        if index is None:
+            index, _toc = await self._openers[spec.format](layer.fetcher, spec.toc_digest)
         reader = ChunkReader(
             await self._blob_fetchers(layer, index), self._cache,
             readahead_chunks=spec.readahead_chunks, logger=layer.log,
@@ -392,6 +399,23 @@ class LayerManager:
         )
         return index, reader
 
+
+    def _local_toc(self, layer: _Layer) -> LayerIndex | None:
+        """The index from the spec's ``toc_file``; None (with a warning) when there is no
+        file or it does not verify, so that the layer fetches its TOC itself."""
+        spec = layer.spec
+        if spec.toc_file is None or spec.blob_size is None or spec.toc_offset is None:
+            return None
+        from snapshotter.formats import estargz
+
+        try:
+            with open(spec.toc_file, "rb") as f:
+                toc_json = f.read()
+            return estargz.index_toc(toc_json, spec.blob_size, spec.toc_offset,
+                                     spec.toc_digest)
+        except (OSError, FormatError, DigestMismatch) as exc:
+            layer.log.warning("TOC file %s not used (%s); fetching the TOC", spec.toc_file, exc)
+            return None
 
     async def _blob_fetchers(self, layer: _Layer, index: LayerIndex) -> dict[str, BlobFetcher]:
         """The reader's fetchers: ``""`` is the layer's blob, and each other blob a chunk

@@ -49,7 +49,8 @@ class Source:
         self.gate: asyncio.Event | None = None
         self.closed = False
 
-    async def open_blob(self, ref: str, digest: str) -> BlobFetcher:
+    async def open_blob(self, ref: str, digest: str, size: int | None = None
+                        ) -> BlobFetcher:
         self.opened.append((ref, digest))
         if self.gate is not None:
             await self.gate.wait()

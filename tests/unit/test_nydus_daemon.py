@@ -45,7 +45,8 @@ class FakeSource:
         self.fetchers = {d: FakeFetcher(b, d) for d, b in blobs.items()}
         self.opened: list[str] = []
 
-    async def open_blob(self, ref: str, digest: str) -> BlobFetcher:
+    async def open_blob(self, ref: str, digest: str, size: int | None = None
+                        ) -> BlobFetcher:
         assert ref == REF
         self.opened.append(digest)
         fetcher = self.fetchers.get(digest)

@@ -1,0 +1,62 @@
+"""LazyLayers hands the TOC it checked on Prepare to the daemon, and cleans it up."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from snapshotter import labels as L
+from snapshotter.config import Config
+from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.fakeregistry import FakeRegistry
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.registry import RegistryClient
+from snapshotter.remotefs import LazyLayers
+from tests import estargz_writer as ew
+from tests.unit.test_nydus import FakeManager, mountpoint
+
+REPO = "esgz/app"
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> AsyncIterator[tuple[LazyLayers, FakeManager, FakeRegistry]]:
+    registry = await FakeRegistry().start()
+    client = RegistryClient(HostsConfig.from_dict({"request_timeout": 5.0, "max_retries": 0}),
+                            credentials=CredentialStore())
+    manager = FakeManager()
+    config = Config(root=str(tmp_path))
+    yield LazyLayers(config, manager, client), manager, registry  # type: ignore[arg-type]
+    await client.aclose()
+    await registry.aclose()
+
+
+async def test_checked_toc_is_written_for_the_daemon_and_removed_with_it(
+        tmp_path: Path, setup: tuple[LazyLayers, FakeManager, FakeRegistry]) -> None:
+    layers, manager, registry = setup
+    built = ew.build_estargz([ew.directory("d"), ew.reg("d/f", b"data" * 64)])
+    digest = registry.put_blob(REPO, built.blob)
+    labels = {L.TARGET_REF: "sha256:" + "d" * 64, L.STARGZ_REFERENCE: f"{registry.host}/{REPO}:1",
+              L.STARGZ_DIGEST: digest, L.TOC_DIGEST: built.toc_digest}
+    assert await layers.mount(7, mountpoint(tmp_path, 7), labels) == "estargz"
+    spec = manager.mounted[7][1]
+    assert Path(spec["toc_file"]).read_bytes() == built.toc_json
+    assert spec["blob_size"] == len(built.blob) and 0 < spec["toc_offset"] < len(built.blob)
+    assert spec["toc_digest"] == built.toc_digest
+    assert oct(os.stat(Path(spec["toc_file"]).parent).st_mode & 0o777) == "0o700"
+    await layers.unmount(7)
+    assert not Path(spec["toc_file"]).exists()
+
+
+async def test_restore_drops_tocs_of_snapshots_that_are_gone(
+        tmp_path: Path, setup: tuple[LazyLayers, FakeManager, FakeRegistry]) -> None:
+    layers, _, _ = setup
+    tocs = Path(layers.config.toc_dir)
+    tocs.mkdir()
+    for name in ("3.json", "4.json", "4.tmp", "junk"):
+        (tocs / name).write_bytes(b"{}")
+    live = {L.STARGZ_REFERENCE: "127.0.0.1:1/esgz/app:1", L.STARGZ_DIGEST: "sha256:" + "a" * 64}
+    await layers.restore({4: ("/x", live)})
+    assert sorted(os.listdir(tocs)) == ["4.json"]  # snapshot 4 is still remote
