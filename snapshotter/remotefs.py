@@ -41,12 +41,16 @@ from snapshotter.errdefs import (
 )
 from snapshotter.formats import estargz
 from snapshotter.remote.base import BlobFetcher
+from snapshotter.remote.fetcher import read_tail
 from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.registry import RegistryClient
 
 log = logging.getLogger(__name__)
 # Gzip can inflate a TOC's compressed member a little beyond the JSON's own size.
 TOC_MEMBER_SLACK = 1 << 20
+# The first request for a layer asks for this many bytes of its end: footer and, for most
+# layers, the whole TOC in one round trip (a bigger TOC costs one more request).
+TAIL_GUESS = 128 << 10
 
 
 def registry_hosts(config: Config) -> HostsConfig:
@@ -157,13 +161,11 @@ class LazyLayers:
         The format is sniffed before the TOC digest label is required, so that a layer
         that is not eStargz at all is reported as such (``not_estargz``), as stargz does.
         """
-        size = await fetcher.size()
-        tail_len = min(estargz.FOOTER_MAX, size)
-        if tail_len <= 0:
+        size, tail = await read_tail(fetcher, TAIL_GUESS)
+        if size <= 0:
             raise RemoteLayerError("not_estargz", "the blob is empty")
-        (tail,) = await fetcher.fetch([(size - tail_len, size)])
         try:
-            footer = estargz.parse_footer(tail)
+            footer = estargz.parse_footer(tail[-estargz.FOOTER_MAX:])
         except FormatError as e:
             raise RemoteLayerError("not_estargz", f"not an eStargz blob: {e}") from e
         expected = self._expected_toc_digest(labels)
@@ -171,7 +173,12 @@ class LazyLayers:
         limit = self.config.remote.max_toc_bytes
         if end - start > limit + TOC_MEMBER_SLACK:
             raise RemoteLayerError("invalid_toc", f"compressed TOC is {end - start} bytes")
-        (member,) = await fetcher.fetch([(start, end)])
+        held = size - len(tail)  # the tail holds [held, size)
+        if start >= held:
+            member = tail[start - held : end - held]
+        else:  # the TOC is longer than the guess: fetch the part before the tail
+            (head,) = await fetcher.fetch([(start, held)])
+            member = head + tail[: end - held]
         toc = estargz.extract_toc(member, limit)
         if expected is not None:
             estargz.verify_toc(toc, expected)

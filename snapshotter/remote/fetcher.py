@@ -15,6 +15,7 @@ from snapshotter.remote.ranges import check_ranges
 from snapshotter.remote.reference import Reference
 
 if TYPE_CHECKING:
+    from snapshotter.remote.base import BlobFetcher
     from snapshotter.remote.registry import RegistryClient
 
 
@@ -72,6 +73,23 @@ class RegistryBlobFetcher:
                 )
         return await self._client.fetch_ranges(self._ref, self._digest, requested)
 
+    async def tail(self, length: int) -> bytes:
+        """The last ``min(length, size)`` bytes of the blob; when the size is not known
+        yet, one suffix-range request answers both (the size is then cached)."""
+        self._check_open()
+        if self._size is None:
+            async with self._size_lock:
+                if self._size is None:
+                    got = await self._client.fetch_tail(self._ref, self._digest, length)
+                    if got is not None:
+                        self._size, data = got
+                        return data
+        size = await self.size()
+        if size == 0:
+            return b""
+        (data,) = await self.fetch([(max(0, size - length), size)])
+        return data
+
     async def aclose(self) -> None:
         """Mark the fetcher closed; idempotent. The client stays open."""
         self._closed = True
@@ -79,3 +97,16 @@ class RegistryBlobFetcher:
     def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition(f"blob fetcher for {self._digest} is closed")
+
+
+async def read_tail(fetcher: BlobFetcher, length: int) -> tuple[int, bytes]:
+    """``(blob size, last min(length, size) bytes)`` of any fetcher: one suffix-range
+    request for a registry blob whose size is not known yet, else size + one range."""
+    if isinstance(fetcher, RegistryBlobFetcher):
+        data = await fetcher.tail(length)
+        return await fetcher.size(), data
+    size = await fetcher.size()
+    if size <= 0:
+        return size, b""
+    (data,) = await fetcher.fetch([(max(0, size - length), size)])
+    return size, data

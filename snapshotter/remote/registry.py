@@ -199,6 +199,44 @@ class RegistryClient:
 
         return await self._call(ref, what, op)
 
+    async def fetch_tail(
+        self, ref: Reference | str, digest: str, length: int
+    ) -> tuple[int, bytes] | None:
+        """The blob's size and its last ``min(length, size)`` bytes in one request
+        (``Range: bytes=-<length>``); None when the host does not answer a suffix range
+        with a usable 206, so that the caller asks for the size and the range itself.
+
+        Raises the registry errors of the module docstring (404: BlobNotFound).
+        """
+        ref = _as_reference(ref)
+        validate_digest(digest)
+        if length <= 0:
+            raise InvalidArgument(f"tail length must be positive, got {length}")
+        what = f"last {length} bytes of blob {digest} in {ref.host}/{ref.repository}"
+        headers = {"Range": f"bytes=-{length}"}
+
+        def limit(status: int, _: Mapping[str, str]) -> int:
+            return length if status == 206 else 0
+
+        async def op(endpoint: Endpoint) -> tuple[int, bytes] | None:
+            resp = await self._blob_request(
+                endpoint, ref, digest, "blob_range", "GET", headers, limit
+            )
+            if resp.status != 206:
+                if resp.status in (200, 416) or (resp.status == 404 and resp.redirected):
+                    return None  # suffix ranges not understood: the caller falls back
+                raise error_for_status(resp.status, what, resp.headers.get("Retry-After"))
+            try:
+                cr = rng.parse_content_range(resp.headers.get("Content-Range", ""))
+            except rng.RangeFormatError:
+                return None
+            if (cr.range is None or cr.total is None or cr.range[1] != cr.total
+                    or cr.range[1] - cr.range[0] != len(resp.body)):
+                return None  # not the tail we asked for
+            return cr.total, resp.body
+
+        return await self._call(ref, what, op)
+
     async def _size_by_get(self, endpoint: Endpoint, ref: Reference, digest: str, what: str) -> int:
         headers = {"Range": "bytes=0-1"}
         resp = await self._blob_request(
