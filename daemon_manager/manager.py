@@ -14,7 +14,10 @@ and its layers are mounted again at the same places.
 
 Modes (``DaemonConfig.mode``): *dedicated* mounts FUSE directly on the snapshot's ``fs``;
 *shared* mounts one FUSE file system at ``<root>/fuse/shared`` whose subdirectory
-``<sid>`` is bind-mounted on the snapshot's ``fs``.
+``<sid>`` is bind-mounted on the snapshot's ``fs``. In shared mode ``start()`` also starts
+the shared daemon (in the background) when none is running, so that the first pull does
+not wait for a Python process to start; it stops when its last layer is unmounted and is
+started again by the next mount.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ class DaemonManager:
         self.live: dict[str, _Live] = {}
         self.mountpoints: dict[int, str] = {}
         self.lock = asyncio.Lock()
+        self._prestart: asyncio.Task[None] | None = None
         self.restarts_total = 0
         self.reattached_total = 0
 
@@ -159,9 +163,25 @@ class DaemonManager:
                     await self.mount(sid, mountpoint, spec)
                 except DaemonError as e:
                     log.error("cannot restore remote snapshot %d: %s", sid, e)
+        if self.mode == "shared" and SHARED_ID not in self.live:
+            self._prestart = asyncio.create_task(self._prestart_shared(), name="prestart")
+
+    async def _prestart_shared(self) -> None:
+        """Start the shared daemon with no layers unless a mount got there first."""
+        async with self.lock:
+            if SHARED_ID in self.live:
+                return
+            try:
+                await self._launch(self._shared_live())
+            except (DaemonError, OSError) as e:  # the first mount will try again
+                log.warning("could not start the shared daemon ahead of use: %s", e)
 
     async def aclose(self) -> None:
         """Stop watching daemons; leave them running."""
+        if self._prestart is not None:
+            self._prestart.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._prestart
         for live in self.live.values():
             if live.task is not None:
                 live.task.cancel()
@@ -188,13 +208,7 @@ class DaemonManager:
     async def _mount_shared(self, sid: int, mountpoint: str, spec: dict[str, Any]) -> None:
         live = self.live.get(SHARED_ID)
         if live is None:
-            shared_mnt = self.root / "fuse" / SHARED_ID
-            shared_mnt.mkdir(parents=True, exist_ok=True)
-            rec = DaemonRecord(
-                id=SHARED_ID, mode="shared", control=str(self.run_dir / "shared.sock"),
-                mountpoint=str(shared_mnt), spec={"layers": []},
-            )
-            live = _Live(rec=rec)
+            live = self._shared_live()
             await self._launch(live)
         try:
             await self._add_shared_layer(live, sid, spec)
@@ -206,6 +220,16 @@ class DaemonManager:
                 await self._client_call(live.rec, "remove_layer", sid)
             raise DaemonError(f"shared daemon cannot serve snapshot {sid}: {e}") from e
         self.mountpoints[sid] = mountpoint
+
+    def _shared_live(self) -> _Live:
+        """A new, not yet started shared daemon with no layers."""
+        shared_mnt = self.root / "fuse" / SHARED_ID
+        shared_mnt.mkdir(parents=True, exist_ok=True)
+        rec = DaemonRecord(
+            id=SHARED_ID, mode="shared", control=str(self.run_dir / "shared.sock"),
+            mountpoint=str(shared_mnt), spec={"layers": []},
+        )
+        return _Live(rec=rec)
 
     async def _add_shared_layer(self, live: _Live, sid: int, spec: dict[str, Any]) -> None:
         live.layers[sid] = spec

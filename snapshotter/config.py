@@ -57,6 +57,9 @@ class RemoteConfig:
     background_silence: float = 5.0
     # Chunks fetched ahead of a sequential reader.
     readahead_chunks: int = 4
+    # A missing chunk is fetched together with the uncached chunks that follow it in the
+    # layer blob, up to this many more compressed bytes in the same request; 0 disables.
+    amplify_bytes: int = 256 << 10
     # Seconds the kernel may cache entries and attributes of a remote layer.
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0
@@ -269,6 +272,7 @@ def _check(config: Config) -> None:
         ("cache.limit_bytes", config.cache.limit_bytes),
         ("remote.background_rate", config.remote.background_rate),
         ("remote.background_silence", config.remote.background_silence),
+        ("remote.amplify_bytes", config.remote.amplify_bytes),
         ("daemon.restart_limit", config.daemon.restart_limit),
     ):
         if ival < 0:

@@ -269,6 +269,7 @@ class NydusLayers:
             "background_silence_s": remote.background_silence,
             "activity_file": self.config.activity_file,
             "readahead_chunks": remote.readahead_chunks,
+            "amplify_bytes": remote.amplify_bytes,
         }
 
     def restore_spec(self, sid: int, mountpoint: str,

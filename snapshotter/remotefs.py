@@ -197,6 +197,7 @@ class LazyLayers:
             "background_silence_s": remote.background_silence,
             "activity_file": self.config.activity_file,
             "readahead_chunks": remote.readahead_chunks,
+            "amplify_bytes": remote.amplify_bytes,
         }
 
     def check(self, sid: int) -> None:

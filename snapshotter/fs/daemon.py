@@ -390,6 +390,8 @@ class LayerManager:
             await self._blob_fetchers(layer, index), self._cache,
             readahead_chunks=spec.readahead_chunks, logger=layer.log,
             activity=self.activity(spec.activity_file),
+            layout=(c for node in index.nodes.values() for c in node.chunks),
+            amplify_bytes=spec.amplify_bytes,
         )
         layer.index, layer.reader = index, reader
         self._ops.add_layer(MountedLayer(spec.layer_id, spec.digest, index, reader))

@@ -17,7 +17,13 @@ Guarantees:
   * every background task belongs to the reader; ``aclose`` cancels them and fails their
     waiters with ``Unavailable``;
   * every on-demand miss and read-ahead is reported to the ``activity`` given (see
-    ``activity.Activity``), which the background fetch waits on to stay out of the way.
+    ``activity.Activity``), which the background fetch waits on to stay out of the way;
+  * amplified misses: with ``amplify_bytes`` > 0 and the layer's ``layout`` (every chunk of
+    the layer), a miss also fetches the uncached chunks that follow it in the blob, of any
+    file, in the same request, as long as the request spans at most ``amplify_bytes`` more
+    compressed bytes. Files that are read together usually sit together in the blob (one
+    directory, one package), so one round trip then serves the next few misses; the cost is
+    at most ``amplify_bytes`` of transfer per miss. The extra chunks are only cached.
 
 Failure modes of ``read``/``fetch_all``: whatever the fetcher raises (``RegistryError`` and
 subclasses), ``DigestMismatch``/``FormatError`` from decoding, ``FormatError`` for an
@@ -109,6 +115,7 @@ class ReaderCounters:
     cache_hits: int = 0
     cache_misses: int = 0
     readahead_chunks: int = 0
+    amplified_chunks: int = 0
 
 
 @dataclass(slots=True)
@@ -138,8 +145,19 @@ class ChunkReader:
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger] = log,
         activity: Activity | None = None,
+        layout: Iterable[Chunk] = (),
+        amplify_bytes: int = 0,
     ) -> None:
         self._fetchers = dict(fetchers)
+        self._amplify = max(0, amplify_bytes)
+        self._layout: dict[str, list[Chunk]] = {}
+        if self._amplify:
+            for chunk in layout:
+                self._layout.setdefault(chunk.blob, []).append(chunk)
+            for chunks in self._layout.values():
+                chunks.sort(key=_blob_position)
+        self._layout_starts = {
+            blob: [c.blob_offset for c in chunks] for blob, chunks in self._layout.items()}
         self.activity = activity if activity is not None else Activity(None)
         self._cache = cache
         self._readahead = max(0, readahead_chunks)
@@ -184,7 +202,7 @@ class ChunkReader:
             waits.append((len(pieces) - 1, fut, lo, hi))
         if missing:
             self.activity.note()
-            self._spawn(missing)
+            self._spawn(missing + self._amplified(missing))
         for pos, fut, lo, hi in waits:
             pieces[pos] = (await asyncio.shield(fut))[lo:hi]
         self._note_access(node, offset, end, last)
@@ -372,6 +390,33 @@ class ChunkReader:
             size += item[0].blob_end - item[0].blob_offset
         return batches
 
+    def _amplified(self, missing: list[tuple[Chunk, str]]) -> list[tuple[Chunk, str]]:
+        """Uncached chunks following the misses in their blobs, registered in flight (see
+        the module docstring); they go in the same fetch as ``missing``."""
+        if not self._amplify:
+            return []
+        extra: list[tuple[Chunk, str]] = []
+        last: dict[str, Chunk] = {}
+        for chunk, _ in missing:
+            if chunk.blob not in last or chunk.blob_end > last[chunk.blob].blob_end:
+                last[chunk.blob] = chunk
+        for blob, tail in last.items():
+            chunks = self._layout.get(blob, [])
+            pos = bisect.bisect_right(self._layout_starts.get(blob, []), tail.blob_offset)
+            limit = tail.blob_end + self._amplify
+            for chunk in chunks[pos:]:
+                if chunk.blob_end > limit:
+                    break
+                if chunk.blob_offset < tail.blob_end:
+                    continue  # shares the miss's range (another slice of the same member)
+                key = self._key(chunk)
+                if key in self._inflight or self._cache.contains(key):
+                    continue
+                self._register(key)
+                extra.append((chunk, key))
+        self.counters.amplified_chunks += len(extra)
+        return extra
+
     # --- read-ahead -------------------------------------------------------------------------
 
     def _note_access(self, node: Node, offset: int, end: int, last: int) -> None:
@@ -415,6 +460,10 @@ def _chunk_span(chunks: list[Chunk], offset: int, end: int) -> tuple[int, int]:
 
 def _file_offset(chunk: Chunk) -> int:
     return chunk.file_offset
+
+
+def _blob_position(chunk: Chunk) -> tuple[int, int]:
+    return chunk.blob_offset, chunk.inner_offset
 
 
 def _compressed_size(chunks: Iterable[Chunk]) -> int:

@@ -222,3 +222,42 @@ async def test_fetch_all_awaits_the_gate_before_every_batch(tmp_path: Path) -> N
 
     assert await reader.fetch_all([node], batch_bytes=1 << 19, gate=gate) == len(data)
     assert gates == [0, 1] and len(fetcher.calls) == 2
+
+
+async def test_a_miss_is_amplified_to_the_following_chunks_of_the_blob(tmp_path: Path) -> None:
+    b = LayerBuilder()
+    files = [b.file(ROOT_INO, name, name.encode() * 50) for name in ("a", "b", "c", "d")]
+    index, blob = b.build()
+    fetcher = FakeFetcher(blob)
+    a, bb, c, d = files
+    budget = c.chunks[0].blob_end - a.chunks[0].blob_end  # reaches exactly to the end of c
+    reader = ChunkReader({"": fetcher}, ChunkCache(tmp_path, 1 << 30), amplify_bytes=budget,
+                         layout=[ch for n in index.nodes.values() for ch in n.chunks])
+    assert await reader.read(a, 0, 10) == b"aaaaaaaaaa"
+    await reader.wait_idle()
+    assert len(fetcher.calls) == 1  # a, b and c came in the one request
+    assert reader.counters.amplified_chunks == 2
+    assert await reader.read(bb, 0, 1000) == b"b" * 50
+    assert await reader.read(c, 0, 1000) == b"c" * 50
+    assert len(fetcher.calls) == 1  # served from the cache
+    assert await reader.read(d, 0, 1000) == b"d" * 50  # past the budget: its own miss
+    assert len(fetcher.calls) == 2
+
+
+async def test_amplification_skips_cached_chunks_and_is_off_by_default(tmp_path: Path) -> None:
+    b = LayerBuilder()
+    files = [b.file(ROOT_INO, name, name.encode() * 50) for name in ("a", "b", "c")]
+    index, blob = b.build()
+    fetcher = FakeFetcher(blob)
+    layout = [ch for n in index.nodes.values() for ch in n.chunks]
+    cache = ChunkCache(tmp_path, 1 << 30)
+    plain = ChunkReader({"": fetcher}, cache, layout=layout)
+    assert await plain.read(files[1], 0, 5) == b"bbbbb"
+    await plain.wait_idle()
+    assert plain.counters.amplified_chunks == 0
+    wide = ChunkReader({"": fetcher}, cache, layout=layout, amplify_bytes=1 << 20)
+    assert await wide.read(files[0], 0, 5) == b"aaaaa"
+    await wide.wait_idle()
+    assert wide.counters.amplified_chunks == 1  # c only: b is cached already
+    assert fetcher.calls[-1] == [(files[0].chunks[0].blob_offset, files[0].chunks[0].blob_end),
+                                 (files[2].chunks[0].blob_offset, files[2].chunks[0].blob_end)]
