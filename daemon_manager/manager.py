@@ -27,6 +27,8 @@ import contextlib
 import dataclasses
 import json
 import logging
+import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 
 from daemon_manager import process
 from daemon_manager.records import DaemonRecord, DaemonState, DaemonTable
+from daemon_manager.zygote import ZygoteClient
 from snapshotter.config import Config
 from snapshotter.errdefs import DaemonError, LazysnapError, Unavailable
 from snapshotter.metastore.store import MetaStore
@@ -99,6 +102,8 @@ class DaemonManager:
         self.mountpoints: dict[int, str] = {}
         self.lock = asyncio.Lock()
         self._prestart: asyncio.Task[None] | None = None
+        self._zygote: ZygoteClient | None = None
+        self._zygote_pid = 0
         self.restarts_total = 0
         self.reattached_total = 0
 
@@ -165,6 +170,8 @@ class DaemonManager:
                     log.error("cannot restore remote snapshot %d: %s", sid, e)
         if self.mode == "shared" and SHARED_ID not in self.live:
             self._prestart = asyncio.create_task(self._prestart_shared(), name="prestart")
+        if self.mode == "dedicated" and self.config.daemon.zygote and self._zygote is None:
+            self._start_zygote()
 
     async def _prestart_shared(self) -> None:
         """Start the shared daemon with no layers unless a mount got there first."""
@@ -177,7 +184,8 @@ class DaemonManager:
                 log.warning("could not start the shared daemon ahead of use: %s", e)
 
     async def aclose(self) -> None:
-        """Stop watching daemons; leave them running."""
+        """Stop watching daemons; leave them running (the zygote is stopped)."""
+        self._stop_zygote()
         if self._prestart is not None:
             self._prestart.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -268,7 +276,7 @@ class DaemonManager:
         Path(rec.mountpoint).mkdir(parents=True, exist_ok=True)
         sock = process.listen_unix(rec.control)
         try:
-            pid = process.spawn(self._argv(rec), str(self.run_dir / f"{rec.id}.log"), sock)
+            pid = await self._spawn(self._argv(rec), str(self.run_dir / f"{rec.id}.log"), sock)
         finally:
             sock.close()
         live.rec = live.rec.with_(pid=pid)
@@ -284,6 +292,41 @@ class DaemonManager:
             raise
         self._persist(live, DaemonState.RUNNING)
         return watch
+
+    async def _spawn(self, argv: list[str], log_path: str, sock: socket.socket) -> int:
+        """Fork the daemon from the zygote when there is one, else spawn it."""
+        zygote = self._zygote
+        if zygote is not None:
+            try:
+                return await asyncio.to_thread(zygote.spawn, argv, log_path, sock)
+            except DaemonError as e:
+                log.warning("%s; starting daemons without the zygote from now on", e)
+                self._stop_zygote()
+        return process.spawn(argv, log_path, sock)
+
+    def _start_zygote(self) -> None:
+        """Start the zygote (dedicated mode; see ``daemon_manager.zygote``). Its socket is
+        listening before it runs, so the first fork request just waits for its imports."""
+        path = str(self.run_dir / "zygote.sock")
+        try:
+            sock = process.listen_unix(path)
+            try:
+                self._zygote_pid = process.spawn(
+                    [sys.executable, "-m", "daemon_manager.zygote"],
+                    str(self.run_dir / "zygote.log"), sock)
+            finally:
+                sock.close()
+        except (DaemonError, OSError) as e:
+            log.warning("no zygote (%s): every daemon starts a Python process", e)
+            return
+        self._zygote = ZygoteClient(path)
+
+    def _stop_zygote(self) -> None:
+        self._zygote = None
+        if self._zygote_pid:
+            process.kill_session(self._zygote_pid, signal.SIGTERM)
+            process.reap(self._zygote_pid)
+            self._zygote_pid = 0
 
     async def _wait_ready(self, live: _Live, watch: process.ProcessWatch) -> None:
         timeout = self.config.remote.mount_timeout
