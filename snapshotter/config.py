@@ -59,7 +59,7 @@ class RemoteConfig:
     readahead_chunks: int = 4
     # A missing chunk is fetched together with the uncached chunks that follow it in the
     # layer blob, up to this many more compressed bytes in the same request; 0 disables.
-    amplify_bytes: int = 256 << 10
+    amplify_bytes: int = 128 << 10
     # Seconds the kernel may cache entries and attributes of a remote layer.
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0
