@@ -37,6 +37,8 @@ def unmount(target: str, flags: int = 0) -> None:
 
 
 def _unescape(field: str) -> str:
+    if "\\" not in field:
+        return field  # the common case: nothing escaped
     out, i = [], 0
     while i < len(field):
         if field[i] == "\\" and i + 3 < len(field) and field[i + 1:i + 4].isdigit():

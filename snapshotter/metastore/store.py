@@ -25,8 +25,9 @@ import json
 import sqlite3
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from snapshotter.errdefs import (
     AlreadyExists,
@@ -65,19 +66,40 @@ _SELECT = (
 )
 
 
+# The snapshot with id ``?`` (depth 0) and its ancestors (nearest first), in one
+# statement. A dangling parent id ends the chain early, which ``Tx.parents`` detects.
+_CHAIN_OF_ID = (
+    "WITH RECURSIVE chain(id, depth) AS ("
+    " SELECT ?, 0"
+    " UNION ALL SELECT s.parent_id, c.depth + 1 FROM chain c JOIN snapshots s ON s.id = c.id"
+    " WHERE s.parent_id IS NOT NULL)"
+    " SELECT s.id, s.key, s.parent_id, COALESCE(p.key, ''), s.kind, s.labels, s.created_ns,"
+    " s.updated_ns, s.size, s.inodes FROM chain c JOIN snapshots s ON s.id = c.id"
+    " LEFT JOIN snapshots p ON p.id = s.parent_id ORDER BY c.depth"
+)
+
+
+def _stored_labels(labels: Mapping[str, str]) -> dict[str, str]:
+    """Labels as stored and read back: empty values dropped (containerd never stores
+    those), keys sorted."""
+    return {k: labels[k] for k in sorted(labels) if labels[k]}
+
+
 def _labels_json(labels: Mapping[str, str]) -> str:
     """Serialise labels, dropping empty values: containerd never stores those."""
-    return json.dumps({k: v for k, v in labels.items() if v}, sort_keys=True)
+    return json.dumps(_stored_labels(labels))
 
 
-def _row(row: Sequence[object]) -> Record:
-    labels = json.loads(str(row[5]))
+_KINDS = {k.value: k for k in Kind}
+
+
+def _row(row: Sequence[Any]) -> Record:
+    # Column types are fixed by the schema (INTEGER / TEXT; parent_id may be NULL).
+    sid, key, parent_id, parent, kind, labels, created_ns, updated_ns, size, inodes = row
     return Record(
-        id=int(str(row[0])), key=str(row[1]),
-        parent_id=None if row[2] is None else int(str(row[2])),
-        parent=str(row[3]), kind=Kind(str(row[4])), labels=labels,
-        created_ns=int(str(row[6])), updated_ns=int(str(row[7])),
-        size=int(str(row[8])), inodes=int(str(row[9])),
+        id=sid, key=key, parent_id=parent_id, parent=parent, kind=_KINDS[kind],
+        labels={} if labels == "{}" else json.loads(labels),
+        created_ns=created_ns, updated_ns=updated_ns, size=size, inodes=inodes,
     )
 
 
@@ -113,15 +135,14 @@ class Tx:
         return {int(r[0]) for r in self._c.execute("SELECT id FROM snapshots")}
 
     def parents(self, rec: Record) -> list[Record]:
-        """The parent chain of ``rec``, nearest parent first, base layer last."""
-        chain: list[Record] = []
-        pid = rec.parent_id
-        while pid is not None:
-            parent = self.get_by_id(pid)
-            if parent is None:
-                raise Internal(f"snapshot {rec.key!r} has a dangling parent id {pid}")
-            chain.append(parent)
-            pid = parent.parent_id
+        """The parent chain of ``rec``, nearest parent first, base layer last (one
+        statement; none for a snapshot without parent)."""
+        if rec.parent_id is None:
+            return []
+        chain = [_row(r) for r in self._c.execute(_CHAIN_OF_ID, (rec.parent_id,))]
+        dangling = chain[-1].parent_id if chain else rec.parent_id
+        if dangling is not None:
+            raise Internal(f"snapshot {rec.key!r} has a dangling parent id {dangling}")
         return chain
 
     def has_children(self, sid: int) -> bool:
@@ -144,13 +165,16 @@ class Tx:
             if prec.kind is not Kind.COMMITTED:
                 raise InvalidArgument(f"parent {parent!r} is not a committed snapshot")
             parent_id = prec.id
+        stored = _stored_labels(labels)
         cur = self._c.execute(
             "INSERT INTO snapshots (key, parent_id, kind, labels, created_ns, updated_ns)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (key, parent_id, kind.value, _labels_json(labels), now_ns, now_ns),
+            (key, parent_id, kind.value, json.dumps(stored), now_ns, now_ns),
         )
         assert cur.lastrowid is not None
-        return self.must_get(key)
+        # The row as it now reads back, without reading it back.
+        return Record(id=cur.lastrowid, key=key, parent_id=parent_id, parent=parent,
+                      kind=kind, labels=stored, created_ns=now_ns, updated_ns=now_ns)
 
     def commit(
         self, key: str, name: str, labels: Mapping[str, str], size: int, inodes: int, now_ns: int
@@ -161,13 +185,16 @@ class Tx:
             raise FailedPrecondition(f"snapshot {key!r} is a {rec.kind.value} snapshot, not active")
         if self.get(name) is not None:
             raise AlreadyExists(f"snapshot {name!r} already exists")
+        stored = _stored_labels(labels)
         self._c.execute(
             "UPDATE snapshots SET key = ?, kind = ?, labels = ?, created_ns = ?, updated_ns = ?,"
             " size = ?, inodes = ? WHERE id = ?",
-            (name, Kind.COMMITTED.value, _labels_json(labels), now_ns,
+            (name, Kind.COMMITTED.value, json.dumps(stored), now_ns,
              now_ns, size, inodes, rec.id),
         )
-        return self.must_get(name)
+        # The row as it now reads back, without reading it back.
+        return replace(rec, key=name, kind=Kind.COMMITTED, labels=stored, created_ns=now_ns,
+                       updated_ns=now_ns, size=size, inodes=inodes)
 
     def remove(self, key: str) -> Record:
         """Delete ``key``'s record and return it; refuse when it has children."""
@@ -238,6 +265,13 @@ class MetaStore:
             yield Tx(self._c)
         finally:
             self._c.execute("COMMIT")
+
+    def reader(self) -> Tx:
+        """Reads without an explicit transaction, sparing the ``BEGIN``/``COMMIT`` round
+        trips of ``read()`` on hot paths: in autocommit mode every statement is atomic on
+        its own. Several reads in a row see one state as long as nothing awaits between
+        them, since this connection, on the event loop, is the only writer."""
+        return Tx(self._c)
 
     def close(self) -> None:
         self._c.close()

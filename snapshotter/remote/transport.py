@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import re
+import ssl
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -121,6 +122,25 @@ def _with_auth(headers: Mapping[str, str], authorization: str | None) -> dict[st
     return merged
 
 
+_tls: ssl.SSLContext | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """The TLS context of every https exchange: the system's CA store, hostname checks and
+    ALPN ``http/1.1``, like aiohttp's default (``ssl=True``). Built on first use, with the
+    environment of that moment (``SSL_CERT_FILE``, ``SSL_CERT_DIR``), and kept: parsing
+    the CA bundle costs about 1 MiB and some milliseconds, which a client that only talks
+    plain HTTP (or a FUSE daemon that has not fetched yet) never pays. Passing it per
+    request also frees us from aiohttp's import-time contexts (see
+    ``snapshotter.fs.__main__.import_runtime``)."""
+    global _tls
+    if _tls is None:
+        context = ssl.create_default_context()
+        context.set_alpn_protocols(("http/1.1",))
+        _tls = context
+    return _tls
+
+
 def _default_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(
         auto_decompress=False, headers={"User-Agent": USER_AGENT}, trust_env=False
@@ -192,6 +212,7 @@ class Transport:
                 data=dict(form) if form is not None else None,
                 allow_redirects=False,
                 timeout=self._timeout,
+                ssl=tls_context() if url.scheme == "https" else True,
             ) as resp:
                 body = b""
                 if 200 <= resp.status < 300 and method != "HEAD":

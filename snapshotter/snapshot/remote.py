@@ -83,8 +83,7 @@ class RemoteSnapshotter(LocalSnapshotter):
             return await super().prepare(key, parent, labels)
         validate_key(key)
         validate_labels(labels)
-        with self.store.read() as tx:
-            existing = tx.get(target)
+        existing = self.store.reader().get(target)
         if existing is not None and existing.kind is Kind.COMMITTED:
             # Another Prepare already made this layer: containerd will Stat and reuse it.
             raise AlreadyExists(f"target snapshot {target!r}: already exists")
@@ -119,11 +118,8 @@ class RemoteSnapshotter(LocalSnapshotter):
             raise
 
     async def mounts(self, key: str) -> list[Mount]:
-        mounts = await super().mounts(key)
-        with self.store.read() as tx:
-            rec = tx.must_get(key)
-            chain = tx.parents(rec)
-        for parent in chain:
+        mounts, parents = self.mounts_and_parents(key)
+        for parent in parents:
             if L.is_remote(parent.labels):
                 try:
                     self.remotefs.check(parent.id)

@@ -10,6 +10,7 @@ import pytest
 from snapshotter.errdefs import (
     AlreadyExists,
     FailedPrecondition,
+    Internal,
     InvalidArgument,
     NotFound,
     StartupError,
@@ -97,3 +98,46 @@ def test_ids_are_never_reused(store: MetaStore) -> None:
         first = tx.create("a", "", Kind.ACTIVE, {}, 1).id
         tx.remove("a")
         assert tx.create("a", "", Kind.ACTIVE, {}, 1).id > first
+
+
+def test_records_returned_by_create_and_commit_read_back_the_same(store: MetaStore) -> None:
+    with store.write() as tx:
+        a = tx.create("a", "", Kind.ACTIVE, {"z": "1", "empty": "", "b": "2"}, 10)
+        assert a == tx.must_get("a") and list(a.labels) == ["b", "z"]
+        c = tx.commit("a", "base", {"y": "2", "gone": ""}, 100, 3, 20)
+        assert c == tx.must_get("base")
+        child = tx.create("child", "base", Kind.VIEW, {}, 30)
+        assert child == tx.must_get("child") and child.parent == "base"
+
+
+def test_parents_of_a_deep_chain_and_reader(store: MetaStore) -> None:
+    parent = ""
+    with store.write() as tx:
+        for i in range(12):
+            tx.create(f"a{i}", parent, Kind.ACTIVE, {"i": str(i)}, i)
+            tx.commit(f"a{i}", f"c{i}", {"i": str(i)}, i, i, i)
+            parent = f"c{i}"
+        top = tx.create("top", parent, Kind.ACTIVE, {}, 99)
+    reader = store.reader()
+    got = reader.parents(top)
+    assert [p.key for p in got] == [f"c{i}" for i in reversed(range(12))]
+    assert got == [reader.must_get(p.key) for p in got]
+    assert reader.parents(reader.must_get("c0")) == []
+
+
+def test_dangling_parent_is_internal(store: MetaStore) -> None:
+    with store.write() as tx:
+        tx.create("a", "", Kind.ACTIVE, {}, 1)
+        tx.commit("a", "base", {}, 0, 0, 1)
+        tx.create("mid-a", "base", Kind.ACTIVE, {}, 1)
+        tx.commit("mid-a", "mid", {}, 0, 0, 1)
+        top = tx.create("top", "mid", Kind.ACTIVE, {}, 1)
+    conn = sqlite3.connect(store.path)
+    conn.execute("PRAGMA foreign_keys = OFF")
+    conn.execute("DELETE FROM snapshots WHERE key = 'base'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(Internal, match="dangling parent id"):
+        store.reader().parents(top)
+    with pytest.raises(Internal, match="dangling parent id"):
+        store.reader().parents(store.reader().must_get("mid"))

@@ -1,0 +1,139 @@
+"""What a FUSE daemon process imports before it serves anything (``python -m
+snapshotter.fs``), and the registry transport's own TLS context.
+
+Every dedicated daemon is a process of its own, so each module it imports is paid once per
+layer; these tests pin the import graph, not any size or time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from yarl import URL
+
+from snapshotter.remote import transport
+from snapshotter.remote.auth import CredentialStore
+from snapshotter.remote.hosts import HostsConfig
+from snapshotter.remote.transport import RegistryStats, Transport
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Imported the way ``main`` does it, then everything the daemon needs to serve a layer.
+_PROBE = """
+import json, os, sys
+before = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "FROZENLIST_NO_EXTENSIONS")}
+from snapshotter.fs.__main__ import import_runtime
+import_runtime()
+import snapshotter.fs.daemon, snapshotter.metrics.counters
+import snapshotter.remote.hosts, snapshotter.remote.registry
+import pyfuse3, pyfuse3.asyncio
+after = {k: os.environ.get(k) for k in before}
+print(json.dumps({
+    "modules": sorted(sys.modules),
+    "env_restored": before == after,
+    "asyncio_mode": pyfuse3.trio is pyfuse3.asyncio,
+    "trio_placeholder_left": "trio" in sys.modules,
+}))
+"""
+
+# Never needed by a daemon before it serves: the gRPC/protobuf edge and Prometheus live in
+# ``lazysnap serve``; the nydus codecs are imported when a nydus chunk is decoded; trio is
+# pyfuse3's default loop, replaced by asyncio; hypothesis is a test dependency.
+_NOT_IMPORTED = (
+    "grpc", "google.protobuf", "prometheus_client", "hypothesis", "sqlite3", "tomllib",
+    "zstandard", "lz4", "blake3", "trio",
+)
+
+
+def _probe(env: Mapping[str, str] | None = None) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE], cwd=REPO, check=True, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result
+
+
+def test_daemon_import_graph_leaves_out_what_serving_does_not_need() -> None:
+    got = _probe()
+    modules = set(got["modules"])
+    assert not modules & set(_NOT_IMPORTED)
+    assert not any(m.startswith(("grpc.", "prometheus_client.", "trio.")) for m in modules)
+    # pure-Python frozenlist: its compiled extension would load libstdc++
+    assert "frozenlist" in modules and "frozenlist._frozenlist" not in modules
+    assert got["asyncio_mode"] and not got["trio_placeholder_left"]
+    assert got["env_restored"]
+
+
+def test_import_runtime_restores_a_set_environment() -> None:
+    got = _probe({"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt",
+                  "FROZENLIST_NO_EXTENSIONS": ""})
+    assert got["env_restored"]
+
+
+def test_real_trio_is_importable_after_the_placeholder() -> None:
+    pytest.importorskip("trio")
+    code = (
+        "from snapshotter.fs.__main__ import import_runtime; import_runtime()\n"
+        "import trio; print(hasattr(trio, 'run'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.stdout.strip() == "True"
+
+
+def test_tls_context_verifies_and_is_built_once() -> None:
+    ctx = transport.tls_context()
+    assert ctx.verify_mode == ssl.CERT_REQUIRED and ctx.check_hostname
+    assert transport.tls_context() is ctx
+
+
+class _Resp:
+    status = 204
+    headers: Mapping[str, str] = {}
+    url = URL("http://x/")
+
+    async def __aenter__(self) -> _Resp:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _Session:
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def request(self, method: str, url: URL, **kwargs: Any) -> _Resp:
+        self.calls.append({"url": url, **kwargs})
+        return _Resp()
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_https_requests_carry_the_transport_tls_context() -> None:
+    session = _Session()
+    t = Transport(HostsConfig.from_dict({}), CredentialStore(), RegistryStats(),
+                  session_factory=lambda: session)  # type: ignore[arg-type,return-value]
+    for url in ("https://registry.example/v2/", "http://127.0.0.1:5000/v2/"):
+        await t.send("manifest", "HEAD", URL(url), {}, lambda *_: 0)
+    assert session.calls[0]["ssl"] is transport.tls_context()
+    assert session.calls[1]["ssl"] is True
+    await t.aclose()
+
+
+def test_the_daemon_knows_the_rafs_formats_without_importing_their_reader() -> None:
+    from snapshotter.fs import daemon, rafs_opener
+
+    assert set(daemon.RAFS_FORMATS) == set(rafs_opener.FORMATS)
+    assert set(daemon.default_openers()) == {"estargz", *rafs_opener.FORMATS}
