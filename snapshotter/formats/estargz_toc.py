@@ -82,6 +82,12 @@ def clean_name(raw: str, what: str = "name") -> str:
     refused rather than clamped. Raises FormatError for that, for NUL, and for a
     component longer than 255 bytes.
     """
+    fast = _clean_fast(raw)
+    return _clean_components(raw, what) if fast is None else fast
+
+
+def _clean_components(raw: str, what: str) -> str:
+    """``clean_name`` component by component: any name, and all of its errors."""
     if "\0" in raw:
         raise FormatError(f"{what} {raw[:80]!r} contains NUL")
     parts: list[str] = []
@@ -97,6 +103,29 @@ def clean_name(raw: str, what: str = "name") -> str:
             raise FormatError(f"{what} {raw[:80]!r}: component over {MAX_NAME_BYTES} bytes")
         parts.append(part)
     return "/".join(parts)
+
+
+def _clean_fast(raw: str) -> str | None:
+    """``clean_name(raw)`` for the usual ASCII names, or None when they need a closer look.
+
+    None (never an error) for names with a ``.``/``..``/empty component inside, a NUL,
+    a component that may be over the limit, or non-ASCII text: ``_clean_components``
+    deals with those and gives the errors.
+    """
+    name = raw.strip("/")
+    if name[:2] == "./":  # a common prefix of TOC names
+        name = name[2:].lstrip("/")
+    if not name or name == ".":
+        return ""
+    if "//" in name or "\0" in name or not name.isascii():
+        return None
+    if name[0] == "." or "/." in name:  # maybe a "." or ".." component
+        padded = f"/{name}/"  # (str methods: a regex is several times slower here)
+        if "/./" in padded or "/../" in padded:
+            return None
+    if len(name) > MAX_NAME_BYTES and max(map(len, name.split("/"))) > MAX_NAME_BYTES:
+        return None
+    return name
 
 
 def _text(value: str) -> str:
@@ -193,6 +222,158 @@ def _rfc3339_ns(value: str) -> int:
 
 
 def _decode_entry(index: int, obj: object, data_end: int) -> TocEntry:
+    """Decode TOC entry ``obj``: the fast path when it can, else the checked one.
+
+    Both give the same entry; only ``_decode_checked`` raises (and names the first
+    problem in field order), so the fast path hands over whenever it is in doubt.
+    """
+    if type(obj) is dict:
+        entry = _decode_fast(index, obj, data_end)
+        if entry is not None:
+            return entry
+    return _decode_checked(index, obj, data_end)
+
+
+def _decode_fast(index: int, obj: dict[str, Any], data_end: int) -> TocEntry | None:
+    """``_decode_checked`` without per-field calls for the usual entry; None to hand over.
+
+    Returns an entry only if ``_decode_checked`` would return an equal one; any odd value
+    or FormatError means None. Fields are checked in another order, but a call that
+    could raise something else (``_rfc3339_ns``) comes after the same checks as there,
+    so such an error would escape from both alike. The fields most entries lack are
+    read only when the object has more keys than the usual fields account for.
+    ``tests/property/test_estargz_fastpath.py`` checks the agreement.
+    """
+    get = obj.get
+    raw_name = get("name")
+    kind = get("type")
+    if type(raw_name) is not str or type(kind) is not str or kind not in ENTRY_TYPES:
+        return None
+    try:
+        name = _clean_fast(raw_name)
+        if name is None:
+            name = clean_name(_text(raw_name))
+        known = 2  # keys of obj accounted for: name, type, then each non-null one below
+        # Integer fields: None is absent (0); anything but an in-range int hands over.
+        size = get("size")
+        if size is None:
+            size = 0
+        elif type(size) is int and 0 <= size <= _INT64_MAX:
+            known += 1
+        else:
+            return None
+        modtime = get("modtime")
+        if modtime is None:
+            mtime_ns = 0
+        elif type(modtime) is str:
+            known += 1
+            if not modtime.isascii():
+                modtime = _text(modtime)
+            mtime_ns = _rfc3339_ns(modtime) if modtime else 0
+        else:
+            return None
+        mode = get("mode")
+        if mode is None:
+            mode = 0
+        elif type(mode) is int and 0 <= mode <= _INT64_MAX:
+            known += 1
+        else:
+            return None
+        offset = get("offset")
+        if offset is None:
+            offset = 0
+        elif type(offset) is int and 0 <= offset <= _INT64_MAX:
+            known += 1
+        else:
+            return None
+        digest = get("digest")
+        if digest is None:
+            digest = ""
+        elif type(digest) is str and (not digest or _DIGEST.fullmatch(digest) is not None):
+            known += 1  # (a non-ASCII digest never matches, before or after _text)
+        else:
+            return None
+        chunk_digest = get("chunkDigest")
+        if chunk_digest is None:
+            chunk_digest = ""
+        elif chunk_digest == digest:
+            known += 1
+            chunk_digest = digest  # already checked
+        elif type(chunk_digest) is str and (
+            not chunk_digest or _DIGEST.fullmatch(chunk_digest) is not None
+        ):
+            known += 1
+        else:
+            return None
+        link = get("linkName")
+        if link is None:
+            link = ""
+        elif type(link) is str:
+            known += 1
+        else:
+            return None
+        if len(obj) != known:  # some of the rarer fields are there
+            uid = get("uid")
+            if uid is None:
+                uid = 0
+            elif type(uid) is not int or not 0 <= uid <= _UINT32_MAX:
+                return None
+            gid = get("gid")
+            if gid is None:
+                gid = 0
+            elif type(gid) is not int or not 0 <= gid <= _UINT32_MAX:
+                return None
+            inner_offset = get("innerOffset")
+            if inner_offset is None:
+                inner_offset = 0
+            elif type(inner_offset) is not int or not 0 <= inner_offset <= _INT64_MAX:
+                return None
+            dev_major = get("devMajor")
+            if dev_major is None:
+                dev_major = 0
+            elif type(dev_major) is not int or not 0 <= dev_major <= _UINT32_MAX:
+                return None
+            dev_minor = get("devMinor")
+            if dev_minor is None:
+                dev_minor = 0
+            elif type(dev_minor) is not int or not 0 <= dev_minor <= _UINT32_MAX:
+                return None
+            chunk_offset = get("chunkOffset")
+            if chunk_offset is None:
+                chunk_offset = 0
+            elif type(chunk_offset) is not int or not 0 <= chunk_offset <= _INT64_MAX:
+                return None
+            chunk_size = get("chunkSize")
+            if chunk_size is None:
+                chunk_size = 0
+            elif type(chunk_size) is not int or not 0 <= chunk_size <= _INT64_MAX:
+                return None
+            xattrs = {} if get("xattrs") is None else _Fields(obj, index).xattrs()
+        else:  # none of the rarer fields
+            uid = gid = inner_offset = dev_major = dev_minor = chunk_offset = chunk_size = 0
+            xattrs = {}
+        if offset and offset >= data_end:
+            return None
+        link_name = ""
+        symlink_target = b""
+        if kind == "hardlink":
+            if not link:
+                return None
+            link_name = clean_name(_text(link), "hardlink target")
+        elif kind == "symlink":
+            symlink_target = _text(link).encode("utf-8", "surrogateescape")
+            if not symlink_target or b"\0" in symlink_target or len(symlink_target) >= _PATH_MAX:
+                return None
+    except (FormatError, ValueError):  # ValueError: _rfc3339_ns
+        return None
+    return TocEntry(index, name, kind, size, mtime_ns, mode & 0o7777, uid, gid, link_name,
+                    symlink_target, offset, inner_offset, 0, dev_major, dev_minor, xattrs,
+                    digest, chunk_offset, chunk_size, chunk_digest)
+
+
+def _decode_checked(index: int, obj: object, data_end: int) -> TocEntry:
+    """Decode one entry with a named check per field; raises FormatError for the first
+    problem found."""
     if not isinstance(obj, dict):
         raise FormatError(f"TOC entry #{index} is not an object")
     f = _Fields(obj, index)
@@ -260,8 +441,14 @@ def _load_json(json_bytes: bytes, max_objects: int) -> dict[str, Any]:
     def reject_constant(name: str) -> None:
         raise ValueError(f"{name} is not valid JSON")
 
+    # Every object starts with a "{" byte (in any encoding json.loads accepts), so when
+    # there are few enough of those the count cannot exceed the limit: skip the hook.
+    braces = (
+        json_bytes.count(b"{") if isinstance(json_bytes, bytes | bytearray) else max_objects + 1
+    )
+    hook = None if braces <= max_objects else count_object
     try:
-        doc = json.loads(json_bytes, parse_constant=reject_constant, object_hook=count_object)
+        doc = json.loads(json_bytes, parse_constant=reject_constant, object_hook=hook)
     except _TooManyObjects:
         raise FormatError(f"TOC has more than {max_objects} JSON objects") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
@@ -304,7 +491,14 @@ def parse_toc(
     end = blob_size if data_end is None else data_end
     if not 0 <= end <= blob_size:
         raise FormatError(f"data end {end} is outside the blob of {blob_size} bytes")
-    entries = [_decode_entry(i, obj, end) for i, obj in enumerate(raw_entries)]
+    entries: list[TocEntry] = []
+    append = entries.append
+    for i, obj in enumerate(raw_entries):  # _decode_entry, inline
+        entry = _decode_fast(i, obj, end) if type(obj) is dict else None
+        append(_decode_checked(i, obj, end) if entry is None else entry)
+        # Free each JSON object once decoded: this lowers the peak memory and the
+        # garbage collector's work (the new entries no longer add to the live objects).
+        raw_entries[i] = None
     _set_next_offsets(entries, end)
     return entries
 

@@ -142,16 +142,22 @@ class LayerIndex:
 
     def validate(self) -> None:
         """Check the invariants in the module docstring; raise FormatError if broken."""
-        if ROOT_INO not in self.nodes or self.nodes[ROOT_INO].kind is not NodeKind.DIR:
+        nodes = self.nodes
+        root = nodes.get(ROOT_INO)
+        if root is None or root.kind is not NodeKind.DIR:
             raise FormatError("layer index has no root directory")
-        for node in self.nodes.values():
-            for name, child in node.children.items():
-                check_name(name)
-                if child not in self.nodes:
-                    raise FormatError(f"directory entry {name!r} names missing inode {child}")
-                if self.nodes[child].kind is NodeKind.DIR and self.nodes[child].parent != node.ino:
-                    raise FormatError(f"directory {name!r} has inconsistent parent")
-            if node.kind is NodeKind.REG:
+        dir_kind, reg_kind = NodeKind.DIR, NodeKind.REG
+        for node in nodes.values():
+            children = node.children
+            if children:
+                for name, child in children.items():
+                    check_name(name)
+                    child_node = nodes.get(child)
+                    if child_node is None:
+                        raise FormatError(f"directory entry {name!r} names missing inode {child}")
+                    if child_node.kind is dir_kind and child_node.parent != node.ino:
+                        raise FormatError(f"directory {name!r} has inconsistent parent")
+            if node.kind is reg_kind:
                 check_chunks(node)
 
 
@@ -159,7 +165,10 @@ def check_name(name: str) -> None:
     """Raise FormatError unless ``name`` is a single, safe path component."""
     if not name or name in (".", "..") or "/" in name or "\0" in name:
         raise FormatError(f"invalid file name {name!r}")
-    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+    # (ASCII needs no encoding to count its bytes)
+    if (len(name) > MAX_NAME_BYTES or not name.isascii()) and len(
+        name.encode("utf-8", "surrogateescape")
+    ) > MAX_NAME_BYTES:
         raise FormatError(f"file name longer than {MAX_NAME_BYTES} bytes: {name[:40]!r}...")
 
 
