@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import gc
 import importlib
 import json
 import os
@@ -103,6 +104,7 @@ def main() -> int:
     daemon_main.import_runtime()
     for name in _PRELOAD:  # imported once here, shared by every child
         importlib.import_module(name)
+    gc.freeze()  # children's collections then leave these objects' pages unwritten (shared)
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import Sequence
@@ -97,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from snapshotter.app import App
 
     try:
+        # Everything imported so far lives as long as the process: keep the collector
+        # from walking it again and again (each full pass costs ~10 ms per Prepare here).
+        gc.freeze()
         asyncio.run(App(cfg).run())
     except StartupError as e:
         log.error("cannot start: %s", e)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -184,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     with contextlib.suppress(PermissionError):
         os.setsid()  # EPERM: already a session (or group) leader, as the manager starts us
     pyfuse3.asyncio.enable()
+    gc.freeze()  # the imported modules live as long as the daemon: out of the collector's way
     try:
         asyncio.run(_run(args, config, source, counters))
     except LazysnapError as exc:
