@@ -476,6 +476,7 @@ def daemon_config(config: Config, layers: list[dict[str, Any]]) -> dict[str, Any
         "log_level": config.log_level.upper(),
         "entry_timeout": config.remote.entry_timeout,
         "attr_timeout": config.remote.attr_timeout,
+        "read_ahead_kib": config.remote.read_ahead_kib,
         "registry": dataclasses.asdict(config.registry),
         "layers": layers,
     }

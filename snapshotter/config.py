@@ -63,6 +63,9 @@ class RemoteConfig:
     # Seconds the kernel may cache entries and attributes of a remote layer.
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0
+    # The kernel's read-ahead window on a remote layer's FUSE mount, KiB (also the most a
+    # read request to the daemon can carry, up to 1 MiB); 0 keeps the kernel's 128 KiB.
+    read_ahead_kib: int = 4096
     # Largest TOC accepted, bytes.
     max_toc_bytes: int = 64 << 20
 
@@ -276,6 +279,7 @@ def _check(config: Config) -> None:
         ("remote.background_rate", config.remote.background_rate),
         ("remote.background_silence", config.remote.background_silence),
         ("remote.amplify_bytes", config.remote.amplify_bytes),
+        ("remote.read_ahead_kib", config.remote.read_ahead_kib),
         ("daemon.restart_limit", config.daemon.restart_limit),
     ):
         if ival < 0:

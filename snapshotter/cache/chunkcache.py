@@ -14,10 +14,18 @@ Contracts:
     between "exists" and "open" is a miss, never an error; a file evicted after "open" is
     still readable through the open descriptor (POSIX unlink semantics).
   * Size limit with LRU eviction: a hit refreshes the file's mtime (throttled to once per
-    ``touch_interval_s``); when this process's estimate of the total exceeds the limit it
-    scans the directory (which also picks up other processes' writes), then removes the
-    least recently used files until the total is at most ``low_watermark * limit``. The
-    estimate is rebuilt from a scan at start.
+    ``touch_interval_s`` per file and process); when this process's estimate of the total
+    exceeds the limit it scans the directory (which also picks up other processes'
+    writes), then removes the least recently used files until the total is at most
+    ``low_watermark * limit``. The estimate is rebuilt from a scan at start.
+  * Hot files stay open: the last ``open_files`` chunk files read are kept open (an LRU of
+    descriptors), so a read is one ``pread`` and the kernel's read-ahead state of the
+    file survives from one read to the next. A descriptor is closed when it leaves that
+    LRU and no read is using it, when this process evicts or discards its file, and by
+    ``close``. A file replaced or evicted by another process stays readable through the
+    descriptor, like any file opened before that happened (its bytes are the same:
+    files are named by their content); until the descriptor is closed its disk space is
+    not freed, so the table is small (at most ``open_files`` chunks held per process).
 
 All methods are synchronous and thread-safe; the async reader calls the slow ones (``put``)
 from a worker thread. Failure modes: ``ValueError`` for a malformed key; ``OSError`` from
@@ -31,6 +39,7 @@ import os
 import re
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -42,6 +51,7 @@ _KEY_RE = re.compile(r"^([a-z0-9]{1,16}):([0-9a-f]{32,128})$")
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600.0
 POSITIONAL_ALGO = "pos"
+DEFAULT_OPEN_FILES = 8
 
 
 def chunk_key(chunk: Chunk, blob_digest: str) -> str:
@@ -82,7 +92,8 @@ class ChunkCache:
     ``limit_bytes`` must be positive; a chunk larger than the limit is not stored.
     ``fsync`` makes ``put`` flush the data to disk before the rename (crash safety at the
     cost of latency; without it a crash may leave an empty file, which ``read`` detects by
-    its length and discards).
+    its length and discards). ``open_files`` (>= 0; 0 = open per read) is how many chunk
+    files stay open between reads.
     """
 
     def __init__(
@@ -93,13 +104,19 @@ class ChunkCache:
         fsync: bool = False,
         low_watermark: float = 0.9,
         touch_interval_s: float = 1.0,
+        open_files: int = DEFAULT_OPEN_FILES,
     ) -> None:
         if limit_bytes <= 0:
             raise ValueError(f"cache limit must be positive, got {limit_bytes}")
         if not 0.0 < low_watermark <= 1.0:
             raise ValueError(f"low_watermark must be in (0, 1], got {low_watermark}")
+        if open_files < 0:
+            raise ValueError(f"open_files must be >= 0, got {open_files}")
         self._root = Path(root)
         self._root.mkdir(parents=True, exist_ok=True)
+        self._root_str = os.fspath(self._root)
+        self._max_open = open_files
+        self._open: OrderedDict[str, _Handle] = OrderedDict()  # guarded by _lock
         self._limit = limit_bytes
         self._fsync = fsync
         self._low = int(limit_bytes * low_watermark)
@@ -117,15 +134,18 @@ class ChunkCache:
 
     def path_for(self, key: str) -> Path:
         """The file that holds ``key``; raises ValueError for a malformed key."""
+        return Path(self._path(key))
+
+    def _path(self, key: str) -> str:
         m = _KEY_RE.match(key)
         if m is None:
             raise ValueError(f"malformed cache key {key[:80]!r}")
         algo, hexd = m.groups()
-        return self._root / algo / hexd[:2] / hexd
+        return f"{self._root_str}/{algo}/{hexd[:2]}/{hexd}"
 
     def contains(self, key: str) -> bool:
         """Whether ``key`` is stored right now (it may be evicted a moment later)."""
-        return self.path_for(key).is_file()
+        return os.path.isfile(self._path(key))
 
     def get(self, key: str) -> bytes | None:
         """The whole chunk stored under ``key``, or None on a miss."""
@@ -142,31 +162,96 @@ class ChunkCache:
             raise ValueError("negative offset or length")
         return self._read(key, offset, length)
 
+    def close(self) -> None:
+        """Close the descriptors kept open (those in use are closed by their reader);
+        the cache stays usable and opens files again as needed."""
+        with self._lock:
+            handles = list(self._open.values())
+            self._open.clear()
+            for h in handles:
+                self._drop_locked(h)
+
     def _read(self, key: str, offset: int, length: int | None) -> bytes | None:
-        path = self.path_for(key)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:  # evicted (ENOENT) or unreadable: either way, fetch it again
+        path = self._path(key)
+        handle = self._acquire(key, path)
+        if handle is None:  # evicted (ENOENT) or unreadable: either way, fetch it again
             self._count(miss=True)
             return None
         try:
-            st = os.fstat(fd)
-            want = st.st_size - offset if length is None else length
-            data = os.pread(fd, want, offset) if want > 0 else b""
+            want = handle.size - offset if length is None else length
+            data = os.pread(handle.fd, want, offset) if want > 0 else b""
             if len(data) != want:
-                self._discard(path)
+                self._discard(path, handle)
                 self._count(miss=True)
                 return None
-            if time.time() - st.st_mtime >= self._touch_interval:
+            now = time.time()
+            if now - handle.touched >= self._touch_interval:
                 # The LRU clock: refresh mtime on use (atime is unreliable under relatime).
-                os.utime(fd)
+                os.utime(handle.fd)
+                handle.touched = now
         except OSError:
             self._count(miss=True)
             return None
         finally:
-            os.close(fd)
+            self._release(handle)
         self._count(miss=False)
         return data
+
+    def _acquire(self, key: str, path: str) -> _Handle | None:
+        """An open handle of ``key``'s file with one more user, or None when it cannot be
+        opened. Opening happens outside the lock; a handle opened meanwhile by another
+        thread wins and ours is closed."""
+        with self._lock:
+            handle = self._open.get(key)
+            if handle is not None:
+                self._open.move_to_end(key)
+                handle.users += 1
+                return handle
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            return None
+        fresh = _Handle(key=key, fd=fd, size=st.st_size, touched=st.st_mtime, users=1)
+        with self._lock:
+            handle = self._open.get(key)
+            if handle is not None:  # another thread opened it first
+                handle.users += 1
+                self._open.move_to_end(key)
+            elif self._max_open > 0:
+                self._open[key] = fresh
+                while len(self._open) > self._max_open:
+                    _, old = self._open.popitem(last=False)
+                    self._drop_locked(old)
+                return fresh
+        if handle is not None:
+            os.close(fd)
+            return handle
+        fresh.dropped = True  # not kept: closed when its read is done
+        return fresh
+
+    def _release(self, handle: _Handle) -> None:
+        with self._lock:
+            handle.users -= 1
+            if handle.dropped and handle.users == 0:
+                os.close(handle.fd)
+
+    def _drop_locked(self, handle: _Handle) -> None:
+        """Forget ``handle`` (already out of ``_open``); close it once nobody uses it."""
+        if handle.dropped:
+            return
+        handle.dropped = True
+        if handle.users == 0:
+            os.close(handle.fd)
+
+    def _forget_locked(self, key: str) -> None:
+        handle = self._open.pop(key, None)
+        if handle is not None:
+            self._drop_locked(handle)
 
     def put(self, key: str, data: bytes) -> bool:
         """Store ``data`` (already verified by the caller) under ``key``; atomic.
@@ -218,9 +303,12 @@ class ChunkCache:
             else:
                 self._hits += 1
 
-    def _discard(self, path: Path) -> None:
+    def _discard(self, path: str, handle: _Handle) -> None:
+        with self._lock:
+            if self._open.get(handle.key) is handle:
+                self._forget_locked(handle.key)
         with contextlib.suppress(FileNotFoundError):
-            st = path.stat()
+            st = os.stat(path)
             os.unlink(path)
             with self._lock:
                 self._size = max(0, self._size - st.st_size)
@@ -234,6 +322,7 @@ class ChunkCache:
             for _, size, path in entries:
                 if total <= self._low:
                     break
+                self._forget_locked(f"{path.parent.parent.name}:{path.name}")
                 try:
                     os.unlink(path)
                     self._evictions += 1
@@ -261,6 +350,19 @@ class ChunkCache:
                             continue
                         out.append((st.st_mtime, st.st_size, Path(entry.path)))
         return out
+
+
+@dataclass(slots=True, eq=False)
+class _Handle:
+    """An open chunk file: ``users`` reads in progress, ``touched`` the last mtime this
+    process knows of (epoch seconds), ``dropped`` once it left the open-file LRU."""
+
+    key: str
+    fd: int
+    size: int
+    touched: float
+    users: int = 0
+    dropped: bool = False
 
 
 def _subdirs(path: Path) -> list[Path]:

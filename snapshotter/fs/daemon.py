@@ -13,9 +13,10 @@ asked. A layer that cannot be opened is not served; its ``error`` reads
 ``registry_error``, ``invalid_layer``, ``internal``.
 
 ``Daemon.run`` is the process: mount FUSE (``fsname=lazysnap``, ``subtype=lazysnap``,
-``ro``, ``default_permissions``, ``allow_other`` unless configured off), serve the control
-socket, add the configured layers, then wait for SIGTERM/SIGINT, a ``shutdown`` request or
-an external unmount, and tear down: layers first (pending reads fail with EIO and
+``ro``, ``default_permissions``, ``allow_other`` unless configured off), widen the mount's
+kernel read-ahead window once the kernel's INIT is answered (``read_ahead_kib``), serve the
+control socket, add the configured layers, then wait for SIGTERM/SIGINT, a ``shutdown``
+request or an external unmount, and tear down: layers first (pending reads fail with EIO and
 ready-waiters get "daemon is stopping" rather than hang), then the control socket, the
 FUSE loop, the mount, and the registry connections.
 
@@ -62,6 +63,7 @@ from snapshotter.fs.control import (
     json_field,
 )
 from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress
+from snapshotter.fs.kernel import set_read_ahead
 from snapshotter.fs.ops import MAX_LAYER_ID, FuseTimeouts, LayerOperations, MountedLayer
 from snapshotter.fs.reader import ChunkReader, ReaderCounters
 from snapshotter.metrics.counters import DaemonCounters
@@ -115,8 +117,9 @@ class LayerLog(logging.LoggerAdapter[logging.Logger]):
 
 _CONFIG_KEYS = {
     "version", "cache_dir", "cache_limit_bytes", "cache_fsync", "registry", "entry_timeout",
-    "attr_timeout", "log_level", "allow_other", "fuse_max_tasks", "layers",
+    "attr_timeout", "log_level", "allow_other", "fuse_max_tasks", "layers", "read_ahead_kib",
 }
+DEFAULT_READ_AHEAD_KIB = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +136,7 @@ class DaemonConfig:
     cache_fsync: bool = False
     allow_other: bool = True
     fuse_max_tasks: int = 64
+    read_ahead_kib: int = DEFAULT_READ_AHEAD_KIB
 
     @classmethod
     def from_json(cls, raw: object, mode: str) -> DaemonConfig:
@@ -143,7 +147,9 @@ class DaemonConfig:
         ``entry_timeout``/``attr_timeout`` (seconds, 3600), ``log_level`` ("INFO"),
         ``layers`` (list of LayerSpec objects mounted at start; dedicated mode needs
         exactly one), ``cache_fsync`` (false), ``allow_other`` (true),
-        ``fuse_max_tasks`` (64). Unknown keys are errors.
+        ``fuse_max_tasks`` (64), ``read_ahead_kib`` (the kernel's read-ahead window on
+        the mount, KiB, ``DEFAULT_READ_AHEAD_KIB``; 0 keeps the kernel's 128 KiB; see
+        ``snapshotter.fs.kernel``). Unknown keys are errors.
         """
         if not isinstance(raw, dict):
             raise ConfigError("daemon config must be a JSON object")
@@ -165,11 +171,14 @@ class DaemonConfig:
                 cache_fsync=_get(raw, "cache_fsync", bool, False),
                 allow_other=_get(raw, "allow_other", bool, True),
                 fuse_max_tasks=_get(raw, "fuse_max_tasks", int, 64),
+                read_ahead_kib=_get(raw, "read_ahead_kib", int, DEFAULT_READ_AHEAD_KIB),
             )
         except InvalidArgument as exc:
             raise ConfigError(f"bad layer in daemon config: {exc}") from None
         if config.cache_limit_bytes <= 0 or config.fuse_max_tasks <= 0:
             raise ConfigError("cache_limit_bytes and fuse_max_tasks must be positive")
+        if config.read_ahead_kib < 0:
+            raise ConfigError("read_ahead_kib must be >= 0")
         if config.log_level not in logging.getLevelNamesMapping():
             raise ConfigError(f"unknown log level {config.log_level!r}")
         if mode == "dedicated" and len(config.layers) != 1:
@@ -514,6 +523,7 @@ class Daemon:
             shared=mode == "shared",
             timeouts=FuseTimeouts(entry_s=config.entry_timeout, attr_s=config.attr_timeout),
             notifier=self._notifier,
+            on_init=self._after_init,
         )
         self.counters = counters if counters is not None else DaemonCounters()
         self.counters.fuse.instrument(self._ops)
@@ -542,6 +552,13 @@ class Daemon:
             await self._serve(fuse_task)
         finally:
             await self._teardown(fuse_task)
+
+    def _after_init(self) -> None:
+        """Runs inside the FUSE INIT request: schedules the read-ahead setting for right
+        after it, since the INIT reply resets the window to at most the kernel's default
+        (``snapshotter.fs.kernel``)."""
+        asyncio.get_running_loop().call_soon(
+            set_read_ahead, self._mountpoint, self._config.read_ahead_kib)
 
     async def _serve(self, fuse_task: asyncio.Task[None]) -> None:
         try:
@@ -578,6 +595,7 @@ class Daemon:
             log.exception("the FUSE loop failed")
             failure = exc
         pyfuse3.close(unmount=True)
+        self._cache.close()
         await self._source.aclose()
         log.info("unmounted %s", self._mountpoint)
         if failure is not None:

@@ -15,6 +15,16 @@ Two layouts (``LayerOperations(shared=...)``):
 The filesystem is immutable: there is no per-lookup state, so ``forget`` has nothing to
 release, and the open file handle of a regular file is its FUSE inode number.
 
+Extended attributes: a dedicated mount whose layer has no xattr at all answers
+``getxattr`` with ENOSYS, which makes the kernel answer every later one itself
+(EOPNOTSUPP, which overlayfs takes as "not set") for the life of the mount. Overlayfs asks
+a lower layer for its ``trusted.overlay.*`` attributes on every directory and regular file
+it looks up, so this saves one request per entry a container or a walk touches.
+``listxattr`` still answers (an empty list): tools list names before they get values,
+and many treat EOPNOTSUPP from a listing as an error. Anywhere else (the placeholder
+root, a layer with xattrs, shared mode, whose layers come and go) a missing attribute is
+ENODATA as usual.
+
 Errors are mapped to errno here and only here (``_errno_for``): an unknown inode or name is
 ENOENT; registry, verification and format failures while reading are EIO (logged with the
 layer digest); any write is EROFS; an unexpected exception is EIO with a traceback in the
@@ -98,9 +108,11 @@ class MountedLayer:
     index: LayerIndex
     reader: RangeReader
     total_data_bytes: int = field(init=False)
+    has_xattrs: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.total_data_bytes = self.index.total_data_bytes()
+        self.has_xattrs = any(node.xattrs for node in self.index.nodes.values())
 
 
 def _errno_for(exc: BaseException) -> int:
@@ -148,7 +160,8 @@ class LayerOperations(pyfuse3.Operations):
     """The request handlers; see the module docstring for layouts and error mapping.
 
     ``readdir_reply`` is ``pyfuse3.readdir_reply``; tests pass a fake to call ``readdir``
-    without a mount.
+    without a mount. ``on_init`` is called (on the event loop, from pyfuse3's ``init``)
+    while the kernel's INIT request is handled, before the reply is sent.
     """
 
     def __init__(
@@ -158,8 +171,10 @@ class LayerOperations(pyfuse3.Operations):
         timeouts: FuseTimeouts | None = None,
         notifier: KernelNotifier | None = None,
         readdir_reply: ReaddirReply = pyfuse3.readdir_reply,
+        on_init: Callable[[], None] | None = None,
     ) -> None:
         super().__init__()
+        self._on_init = on_init
         self._shared = shared
         self._timeouts = timeouts or FuseTimeouts()
         self._notifier = notifier or _NullNotifier()
@@ -169,6 +184,11 @@ class LayerOperations(pyfuse3.Operations):
         self._next_dir_fh = 1
         self._root = Node(ino=ROOT_INO, kind=NodeKind.DIR, mode=0o555, nlink=2)
         self._root.mtime_ns = time.time_ns()
+
+    def init(self) -> None:
+        """pyfuse3's hook for the FUSE INIT request: runs ``on_init``."""
+        if self._on_init is not None:
+            self._on_init()
 
     # --- layer table ------------------------------------------------------------------------
 
@@ -227,9 +247,10 @@ class LayerOperations(pyfuse3.Operations):
         return layer, node
 
     def _attrs(self, fuse_ino: int, node: Node, synthetic: bool = False) -> pyfuse3.EntryAttributes:
+        # A new EntryAttributes is all zeros except st_mode, st_nlink and st_blksize (4096 =
+        # BLOCK_SIZE) and the timeouts: generation and st_rdev need no store of their own.
         a = pyfuse3.EntryAttributes()
         a.st_ino = fuse_ino
-        a.generation = 0
         # The synthetic root changes (nlink, placeholder → layer root): never cache it.
         a.entry_timeout = 0 if synthetic else self._timeouts.entry_s
         a.attr_timeout = 0 if synthetic else self._timeouts.attr_s
@@ -237,19 +258,18 @@ class LayerOperations(pyfuse3.Operations):
         a.st_nlink = node.nlink
         a.st_uid = node.uid
         a.st_gid = node.gid
-        if node.kind in (NodeKind.CHAR, NodeKind.BLOCK):
+        kind = node.kind
+        if kind is NodeKind.CHAR or kind is NodeKind.BLOCK:
             a.st_rdev = os.makedev(node.rdev_major, node.rdev_minor)
-        else:
-            a.st_rdev = 0
         size = node.size
-        if node.kind is NodeKind.SYMLINK and size == 0:
+        if kind is NodeKind.SYMLINK and size == 0:
             size = len(node.link_target)
         a.st_size = size
-        a.st_blksize = BLOCK_SIZE
         a.st_blocks = (size + 511) // 512
-        a.st_atime_ns = node.mtime_ns
-        a.st_mtime_ns = node.mtime_ns
-        a.st_ctime_ns = node.mtime_ns
+        mtime = node.mtime_ns
+        a.st_atime_ns = mtime
+        a.st_mtime_ns = mtime
+        a.st_ctime_ns = mtime
         return a
 
     def _node_attrs(self, fuse_ino: int) -> pyfuse3.EntryAttributes:
@@ -299,7 +319,11 @@ class LayerOperations(pyfuse3.Operations):
 
     @_fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
-        _, node = self._resolve(inode)
+        """The value, ENODATA when it is not set, ENOSYS when no node of this dedicated
+        mount has any (see the module docstring)."""
+        layer, node = self._resolve(inode)
+        if layer is not None and not self._shared and not layer.has_xattrs:
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         value = node.xattrs.get(_name(name))
         if value is None:
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)

@@ -6,7 +6,7 @@ import hashlib
 import multiprocessing
 import os
 import random
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -178,3 +178,85 @@ def test_concurrent_processes_share_one_directory(tmp_path: Path) -> None:
     data = b"\xff" * 5000
     final.put(key_of(data), data)
     assert final.stats().size_bytes <= 40_000
+
+
+# --- open files ----------------------------------------------------------------------------
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_hot_files_stay_open_up_to_the_limit(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20, open_files=2)
+    blobs = [bytes([i]) * 100 for i in range(3)]
+    for b in blobs:
+        cache.put(key_of(b), b)
+    before = open_fds()
+    assert cache.read(key_of(blobs[0]), 10, 5) == blobs[0][10:15]
+    # another process evicts the file: still readable through the open descriptor
+    os.unlink(cache.path_for(key_of(blobs[0])))
+    assert cache.read(key_of(blobs[0]), 0, 100) == blobs[0]
+    for b in blobs[1:]:
+        assert cache.get(key_of(b)) == b
+    assert open_fds() == before + 2  # the least recently used one was closed
+    assert cache.get(key_of(blobs[0])) is None  # reopened: gone from disk
+    cache.close()
+    assert open_fds() == before
+
+
+def test_no_open_files_means_one_open_per_read(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20, open_files=0)
+    data = b"x" * 100
+    cache.put(key_of(data), data)
+    before = open_fds()
+    assert cache.read(key_of(data), 0, 10) == data[:10]
+    assert open_fds() == before
+    os.unlink(cache.path_for(key_of(data)))
+    assert cache.read(key_of(data), 0, 10) is None
+    with pytest.raises(ValueError):
+        ChunkCache(tmp_path, 1 << 20, open_files=-1)
+
+
+def test_evicted_and_damaged_files_are_not_served_from_open_descriptors(
+        tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 2000, low_watermark=1.0, touch_interval_s=0.0)
+    old, new = b"o" * 1000, b"n" * 1000
+    cache.put(key_of(old), old)
+    os.utime(cache.path_for(key_of(old)), (1_000_000, 1_000_000))
+    assert cache.get(key_of(old)) == old  # open now (and touched)
+    os.utime(cache.path_for(key_of(old)), (1_000_000, 1_000_000))
+    cache.put(key_of(new), new)
+    cache.put(key_of(b"3" * 1000), b"3" * 1000)  # over the limit: the oldest goes
+    assert cache.get(key_of(old)) is None
+    assert cache.stats().evictions == 1
+    short = b"0123456789"
+    cache.put(key_of(short), short)
+    assert cache.read(key_of(short), 0, 4) == b"0123"  # open now
+    with open(cache.path_for(key_of(short)), "r+b") as f:
+        f.truncate(5)  # damaged behind the cache's back
+    assert cache.read(key_of(short), 0, 10) is None
+    assert not cache.path_for(key_of(short)).exists()
+
+
+def test_threads_reading_through_a_small_table_get_the_right_bytes(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 22, open_files=3)
+    blobs = [bytes([i]) * (1000 + i) for i in range(12)]
+    for b in blobs:
+        cache.put(key_of(b), b)
+    before = open_fds()
+
+    def reader(seed: int) -> int:
+        rng = random.Random(seed)
+        bad = 0
+        for _ in range(2000):
+            b = rng.choice(blobs)
+            off = rng.randrange(len(b))
+            bad += cache.read(key_of(b), off, len(b) - off) != b[off:]
+        return bad
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert sum(pool.map(reader, range(4))) == 0
+    assert open_fds() <= before + 3
+    cache.close()
+    assert open_fds() == before

@@ -15,7 +15,12 @@ from snapshotter.errdefs import (
     RegistryTimeout,
 )
 from snapshotter.fs.__main__ import main
-from snapshotter.fs.daemon import DaemonConfig, failure_reason, fuse_options
+from snapshotter.fs.daemon import (
+    DEFAULT_READ_AHEAD_KIB,
+    DaemonConfig,
+    failure_reason,
+    fuse_options,
+)
 
 LAYER = {"layer_id": 1, "ref": "localhost:5000/a:b", "digest": "sha256:" + "a" * 64,
          "skip_verify": True}
@@ -38,6 +43,9 @@ def test_config_defaults_and_keys() -> None:
     assert fuse_options(full) == {"fsname=lazysnap", "subtype=lazysnap", "ro",
                                   "default_permissions"}
     assert "allow_other" in fuse_options(c)
+    assert c.read_ahead_kib == DEFAULT_READ_AHEAD_KIB == 4096
+    raw = {"cache_dir": "/c", "cache_limit_bytes": 10, "read_ahead_kib": 0}
+    assert DaemonConfig.from_json(raw, "shared").read_ahead_kib == 0
 
 
 @pytest.mark.parametrize(
@@ -50,6 +58,8 @@ def test_config_defaults_and_keys() -> None:
         ({"cache_dir": "/c", "cache_limit_bytes": True}, "shared"),
         ({"cache_dir": "/c", "cache_limit_bytes": 1, "log_level": "LOUD"}, "shared"),
         ({"cache_dir": "/c", "cache_limit_bytes": 1, "version": 2}, "shared"),
+        ({"cache_dir": "/c", "cache_limit_bytes": 1, "read_ahead_kib": -1}, "shared"),
+        ({"cache_dir": "/c", "cache_limit_bytes": 1, "read_ahead_kib": 1.5}, "shared"),
         ({"cache_dir": "/c", "cache_limit_bytes": 1, "layers": [{"layer_id": 1}]}, "shared"),
         ([], "shared"),
     ],

@@ -256,3 +256,47 @@ async def test_shared_inode_numbers_are_stable_across_instances(tmp_path: Path) 
     second, _, _ = make_ops(tmp_path / "again", shared=True, layer_id=9)
     for names in (("9",), ("9", "etc", "hosts"), ("9", "many", "f04999")):
         assert await path_ino(first, *names) == await path_ino(second, *names)
+
+
+def bare_layer(tmp_path: Path) -> MountedLayer:
+    """A layer without a single xattr."""
+    b = LayerBuilder()
+    d = b.dir(ROOT_INO, "d")
+    b.file(d.ino, "f", b"data")
+    index, blob = b.build()
+    fetcher = FakeFetcher(blob)
+    reader = ChunkReader({"": fetcher}, ChunkCache(tmp_path / "bare", 1 << 20))
+    return MountedLayer(1, fetcher.digest, index, reader)
+
+
+async def test_dedicated_layer_without_xattrs_answers_enosys(tmp_path: Path) -> None:
+    ops = LayerOperations(shared=False)
+    # the placeholder root before the layer is mounted: an ordinary "no such attribute"
+    assert await fuse_errno(ops.getxattr(ROOT_INO, b"user.x", CTX)) == pyfuse3.ENOATTR
+    assert await ops.listxattr(ROOT_INO, CTX) == []
+    layer = bare_layer(tmp_path)
+    assert not layer.has_xattrs
+    ops.add_layer(layer)
+    f = await path_ino(ops, "d", "f")
+    for ino in (ROOT_INO, f):  # ENOSYS: the kernel stops asking for this mount
+        assert await fuse_errno(ops.getxattr(ino, b"trusted.overlay.opaque", CTX)) == errno.ENOSYS
+        assert await ops.listxattr(ino, CTX) == []  # listings still answer
+    assert await fuse_errno(ops.getxattr(987_654, b"user.x", CTX)) == errno.ENOENT
+
+
+async def test_layers_with_xattrs_and_shared_mounts_never_answer_enosys(tmp_path: Path) -> None:
+    ops, _, _ = make_ops(tmp_path)  # the sample layer has an opaque directory
+    assert await fuse_errno(ops.getxattr(ROOT_INO, b"user.x", CTX)) == pyfuse3.ENOATTR
+    shared = LayerOperations(shared=True)
+    shared.add_layer(bare_layer(tmp_path))
+    root = await path_ino(shared, "1")
+    assert await fuse_errno(shared.getxattr(root, b"user.x", CTX)) == pyfuse3.ENOATTR
+    assert await shared.listxattr(root, CTX) == []
+    assert await shared.listxattr(ROOT_INO, CTX) == []
+
+
+def test_init_runs_the_on_init_hook() -> None:
+    calls: list[str] = []
+    LayerOperations(shared=False, on_init=lambda: calls.append("init")).init()
+    LayerOperations(shared=False).init()  # no hook: nothing to do
+    assert calls == ["init"]
