@@ -206,6 +206,7 @@ class _Layer:
     reader: ChunkReader | None = None
     index: LayerIndex | None = None
     task: asyncio.Task[None] | None = None
+    warm_up: asyncio.Task[None] | None = None
 
     def status(self) -> LayerStatus:
         return LayerStatus(
@@ -348,9 +349,10 @@ class LayerManager:
         if not layer.settled.is_set():
             layer.error = why
             layer.settled.set()
-        if layer.task is not None:
-            layer.task.cancel()
-            await asyncio.gather(layer.task, return_exceptions=True)
+        for task in (layer.task, layer.warm_up):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         if layer.spec.layer_id in self._ops.layers:
             self._ops.remove_layer(layer.spec.layer_id)
         if layer.reader is not None:
@@ -377,6 +379,7 @@ class LayerManager:
             background_rate_bytes_per_s=spec.background_rate_bytes_per_s,
             background_silence_s=spec.background_silence_s,
         )
+        layer.warm_up = asyncio.get_running_loop().create_task(self._warm_up(layer))
         progress, fetch = layer.progress, self.counters.fetch
         await policy.prefetch(reader, index, progress, layer.log)
         fetch.record("prefetch", progress.prefetch_done, progress.prefetch_bytes,
@@ -420,6 +423,24 @@ class LayerManager:
         )
         return index, reader
 
+
+    async def _warm_up(self, layer: _Layer) -> None:
+        """Open a registry connection (and get a token, if the registry wants one) while
+        the pull goes on: a layer mounted from its TOC file has made no request yet, and
+        the container's first miss would otherwise pay the TCP handshake (1.5 round
+        trips) and the authentication on top of its own round trip. One byte is read;
+        a failure only means the first miss pays after all."""
+        if layer.blob_fetchers:  # nydus: the data blobs (the bootstrap is a local file)
+            fetcher: BlobFetcher | None = layer.blob_fetchers[0]
+        else:
+            fetcher = layer.fetcher if layer.spec.bootstrap is None else None
+        if fetcher is None:
+            return
+        try:
+            if await fetcher.size() > 0:
+                await fetcher.fetch([(0, 1)])
+        except Exception as exc:  # best effort by design
+            layer.log.debug("registry warm-up failed: %s", exc)
 
     def _local_toc(self, layer: _Layer) -> LayerIndex | None:
         """The index from the spec's ``toc_file``; None (with a warning) when there is no

@@ -6,6 +6,7 @@ daemon fetch them itself, and a spec naming a TOC file is validated.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,12 @@ async def test_the_toc_file_spares_every_request(tmp_path: Path) -> None:
     source = Source(built.blob)
     manager = await mount(tmp_path, spec_for(built, toc_offset, toc_file), source)
     try:
-        assert source.fetcher.calls == []  # neither footer nor TOC was fetched
+        for _ in range(100):  # the warm-up runs next to the mount; let it finish
+            if source.fetcher.calls:
+                break
+            await asyncio.sleep(0.01)
+        # Neither footer nor TOC was fetched: the one request is the connection warm-up.
+        assert source.fetcher.calls == [[(0, 1)]]
         assert source.sizes == [len(built.blob)]  # and the size came with the spec
     finally:
         await manager.aclose()
@@ -82,7 +88,10 @@ async def test_an_unusable_toc_file_means_fetching_the_toc(tmp_path: Path, damag
     source = Source(built.blob)
     manager = await mount(tmp_path, spec_for(built, toc_offset, toc_file), source)
     try:
-        assert len(source.fetcher.calls) == 2  # footer, then TOC
+        assert source.fetcher.calls[:2] == [[(len(built.blob) - estargz.FOOTER_MAX,
+                                              len(built.blob))],
+                                            [(toc_offset, len(built.blob) - estargz.FOOTER_MAX)]]
+        # footer, then TOC (and the one-byte warm-up, whenever it ran)
         assert manager.status().layers[0].ready
     finally:
         await manager.aclose()
