@@ -56,9 +56,13 @@ _KEEP_CMDLINE: list[ctypes.Array[ctypes.c_char]] = []  # the rewritten cmdline's
 
 
 class ZygoteClient:
-    """Asks the zygote listening at ``path`` for daemons (blocking; call from a thread)."""
+    """Asks the zygote listening at ``path`` for daemons (blocking; call from a thread).
 
-    def __init__(self, path: str, timeout: float = 30.0) -> None:
+    ``timeout`` bounds each request, the zygote's own start-up (its imports) included;
+    a zygote that does not answer in time is given up for good by the manager.
+    """
+
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
         self.path = path
         self.timeout = timeout
 
