@@ -28,10 +28,10 @@ def zygote(tmp_path: Path) -> Iterator[tuple[ZygoteClient, int]]:
         process.reap(pid)
 
 
-def daemon_argv(tmp_path: Path) -> list[str]:
+def daemon_argv(tmp_path: Path, config: str = "missing.json") -> list[str]:
     return [sys.executable, "-m", "snapshotter.fs", "--mode", "dedicated",
             "--mountpoint", str(tmp_path / "mnt"), "--control", str(tmp_path / "c.sock"),
-            "--control-fd", "3", "--config", str(tmp_path / "missing.json")]
+            "--control-fd", "3", "--config", str(tmp_path / config)]
 
 
 def wait_gone(pid: int) -> None:
@@ -50,24 +50,28 @@ def wait_gone(pid: int) -> None:
 def test_forked_daemon_has_the_daemon_command_line_session_and_log(
         tmp_path: Path, zygote: tuple[ZygoteClient, int]) -> None:
     client, zygote_pid = zygote
+    # Each daemon blocks reading its configuration from a FIFO until the test has looked
+    # at it, then gets an invalid one and exits (an exited process has no cmdline).
+    fifos = [tmp_path / f"config-{i}" for i in range(2)]
+    for fifo in fifos:
+        os.mkfifo(fifo)
     control = process.listen_unix(str(tmp_path / "c.sock"))
     try:
-        argv = daemon_argv(tmp_path)
-        pid = client.spawn(argv, str(tmp_path / "daemon.log"), control)
-        pids = [pid, client.spawn(argv, str(tmp_path / "daemon.log"), control)]
+        argvs = [daemon_argv(tmp_path, fifo.name) for fifo in fifos]
+        pids = [client.spawn(argv, str(tmp_path / "daemon.log"), control) for argv in argvs]
     finally:
         control.close()
-    for child in pids:
-        try:
-            cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            assert cmdline.split(b"\0")[:-1] == [a.encode() for a in argv]
-            assert process.is_our_daemon(child, str(tmp_path / "c.sock"))
-            assert os.getsid(child) == child  # a session of its own
-        except (ProcessLookupError, FileNotFoundError):
-            pass  # it may already have exited (its config is missing): the log tells
-        wait_gone(child)
+    for pid, argv, fifo in zip(pids, argvs, fifos, strict=True):
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert cmdline.split(b"\0")[:-1] == [a.encode() for a in argv]
+        assert process.is_our_daemon(pid, str(tmp_path / "c.sock"))
+        assert os.getsid(pid) == pid  # a session of its own
+        assert os.getpgid(pid) == pid
+        with open(fifo, "w") as f:  # unblocks the daemon: an empty object is refused
+            f.write("{}")
+        wait_gone(pid)
     log = (tmp_path / "daemon.log").read_text()
-    assert log.count("cannot read daemon config") == 2, log  # ran the daemon's main
+    assert log.count("ERROR snapshotter.fs[") == 2, log  # each ran the daemon's main
     assert Path(f"/proc/{zygote_pid}").exists()  # the zygote lives on
 
 
