@@ -171,18 +171,26 @@ class BenchEnv:
         return self
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
-        if exc_type is not None or self.always_keep_logs:
-            self.keep_logs()
-        self.close()
+        try:
+            if exc_type is not None or self.always_keep_logs:
+                self.keep_logs()
+        finally:
+            self.close()
 
     def keep_logs(self) -> Path:
         """Copy every log of the run to ``bench/results/logs-<time>``; return that path."""
         dest = LOG_DIR / f"logs-{time.strftime('%Y%m%d-%H%M%S')}"
-        for log in self.workdir.rglob("*.log"):
-            target = dest / log.relative_to(self.workdir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(OSError):
-                shutil.copyfile(log, target)
+        for dirpath, dirnames, filenames in os.walk(self.workdir, onerror=lambda _: None):
+            # Never into mounts: snapshot file systems (FUSE, overlay) hold image trees.
+            dirnames[:] = [d for d in dirnames if not os.path.ismount(os.path.join(dirpath, d))]
+            for name in filenames:
+                if not name.endswith(".log"):
+                    continue
+                log = Path(dirpath) / name
+                target = dest / log.relative_to(self.workdir)
+                with contextlib.suppress(OSError):
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(log, target)
         self.log(f"logs kept in {dest}")
         return dest
 
