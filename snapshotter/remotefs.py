@@ -7,8 +7,10 @@ the token in brackets; Prepare then falls back to an ordinary pull):
   2. the blob's footer is an eStargz footer                             [not_estargz]
   3. a TOC digest label is present, or verification is off by config, or the client set
      ``stargz.skipverify`` and config allows unverified layers          [no_toc_digest]
-  4. the TOC is well-formed and every name stays inside the layer       [invalid_toc]
-  5. the TOC hashes to the label's digest                               [digest_mismatch]
+  4. the TOC hashes to the label's digest                               [digest_mismatch]
+  5. the TOC is well-formed and every name stays inside the layer       [invalid_toc]
+     (checked while the daemon starts; the daemon checks it too, and a layer that fails
+     the check is unmounted again)
   6. the daemon mounts the layer and finishes prefetch in time          [daemon_error]
 Registry failures map to [blob_not_found], [registry_auth], [timeout], [registry_error].
 The whole check is bounded by ``remote.mount_timeout``.
@@ -103,10 +105,31 @@ class LazyLayers:
         spec = self._spec(sid, ref, digest, checked.digest)
         try:
             spec.update(await asyncio.to_thread(self._save_toc, sid, checked))
-            await self.manager.mount(sid, mountpoint, spec)
-        except (DaemonError, OSError) as e:
+        except OSError as e:
             self._drop_toc(sid)
-            raise RemoteLayerError("daemon_error", str(e)) from e
+            raise RemoteLayerError("daemon_error", f"cannot keep the TOC: {e}") from e
+        # The TOC's structure is checked (names, types, ranges: build_index) in a worker
+        # thread while the daemon starts, which checks it again with the same code: the
+        # two take about the same time, so a Prepare pays for one of them.
+        results = await asyncio.gather(
+            asyncio.to_thread(estargz.build_index, checked.json, checked.blob_size,
+                              data_end=checked.toc_offset),
+            self.manager.mount(sid, mountpoint, spec),
+            return_exceptions=True,
+        )
+        invalid, failed = results
+        if isinstance(invalid, BaseException):
+            if not isinstance(failed, BaseException):
+                await self.manager.unmount(sid)
+            self._drop_toc(sid)
+            if isinstance(invalid, LazysnapError):
+                raise nydus.classify_error(invalid, format_reason="invalid_toc") from invalid
+            raise invalid
+        if isinstance(failed, BaseException):
+            self._drop_toc(sid)
+            if isinstance(failed, (DaemonError, OSError)):
+                raise RemoteLayerError("daemon_error", str(failed)) from failed
+            raise failed
         return "estargz"
 
     def _toc_path(self, sid: int) -> Path:
@@ -182,7 +205,6 @@ class LazyLayers:
         toc = estargz.extract_toc(member, limit)
         if expected is not None:
             estargz.verify_toc(toc, expected)
-        estargz.build_index(toc, size, data_end=start)
         return CheckedToc(estargz.toc_digest(toc), toc, size, start)
 
     def _spec(self, sid: int, ref: str, digest: str, toc_digest: str | None) -> dict[str, Any]:

@@ -60,3 +60,19 @@ async def test_restore_drops_tocs_of_snapshots_that_are_gone(
     live = {L.STARGZ_REFERENCE: "127.0.0.1:1/esgz/app:1", L.STARGZ_DIGEST: "sha256:" + "a" * 64}
     await layers.restore({4: ("/x", live)})
     assert sorted(os.listdir(tocs)) == ["4.json"]  # snapshot 4 is still remote
+
+
+async def test_a_hostile_toc_is_refused_and_its_mount_undone(
+        tmp_path: Path, setup: tuple[LazyLayers, FakeManager, FakeRegistry]) -> None:
+    from snapshotter.errdefs import RemoteLayerError
+
+    layers, manager, registry = setup
+    built = ew.build_estargz([ew.reg("../../escape", b"x" * 10)])
+    digest = registry.put_blob(REPO, built.blob)
+    labels = {L.TARGET_REF: "sha256:" + "d" * 64, L.STARGZ_REFERENCE: f"{registry.host}/{REPO}:1",
+              L.STARGZ_DIGEST: digest, L.TOC_DIGEST: built.toc_digest}
+    with pytest.raises(RemoteLayerError) as refused:
+        await layers.mount(9, mountpoint(tmp_path, 9), labels)
+    assert refused.value.reason == "invalid_toc"
+    assert 9 not in manager.mounted  # the fake daemon accepted it; the check undid it
+    assert not (Path(layers.config.toc_dir) / "9.json").exists()
