@@ -126,7 +126,10 @@ class ChunkCache:
         self._misses = 0
         self._stored = 0
         self._evictions = 0
-        self._size = sum(size for _, size, _ in self._scan())
+        # The bytes stored, from a scan of the whole cache made on first need (a store, a
+        # discard, stats): not here, since every daemon opens the cache on the way to
+        # serving its first layer, and a big cache takes long to scan.
+        self._size: int | None = None
 
     @property
     def root(self) -> Path:
@@ -264,6 +267,8 @@ class ChunkCache:
             return False
         if path.is_file():
             return True
+        with self._lock:
+            self._known_size_locked()  # before the new file exists, which it then adds
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{path.name}"
         try:
@@ -279,7 +284,7 @@ class ChunkCache:
             raise
         with self._lock:
             self._stored += len(data)
-            self._size += len(data)
+            self._size = self._known_size_locked() + len(data)
             if self._size > self._limit:
                 self._evict_locked()
         return True
@@ -292,7 +297,7 @@ class ChunkCache:
                 misses=self._misses,
                 bytes_stored=self._stored,
                 evictions=self._evictions,
-                size_bytes=self._size,
+                size_bytes=self._known_size_locked(),
                 limit_bytes=self._limit,
             )
 
@@ -311,7 +316,12 @@ class ChunkCache:
             st = os.stat(path)
             os.unlink(path)
             with self._lock:
-                self._size = max(0, self._size - st.st_size)
+                self._size = max(0, self._known_size_locked() - st.st_size)
+
+    def _known_size_locked(self) -> int:
+        if self._size is None:
+            self._size = sum(size for _, size, _ in self._scan())
+        return self._size
 
     def _evict_locked(self) -> None:
         """Rescan (the truth across processes), then drop LRU files down to the watermark."""
