@@ -48,8 +48,6 @@ from snapshotter.remote.hosts import HostsConfig
 from snapshotter.remote.registry import RegistryClient
 
 log = logging.getLogger(__name__)
-# Gzip can inflate a TOC's compressed member a little beyond the JSON's own size.
-TOC_MEMBER_SLACK = 1 << 20
 # The first request for a layer asks for this many bytes of its end: footer and, for most
 # layers, the whole TOC in one round trip (a bigger TOC costs one more request).
 TAIL_GUESS = 128 << 10
@@ -192,20 +190,12 @@ class LazyLayers:
         except FormatError as e:
             raise RemoteLayerError("not_estargz", f"not an eStargz blob: {e}") from e
         expected = self._expected_toc_digest(labels)
-        start, end = footer.toc_range(size)
-        limit = self.config.remote.max_toc_bytes
-        if end - start > limit + TOC_MEMBER_SLACK:
-            raise RemoteLayerError("invalid_toc", f"compressed TOC is {end - start} bytes")
-        held = size - len(tail)  # the tail holds [held, size)
-        if start >= held:
-            member = tail[start - held : end - held]
-        else:  # the TOC is longer than the guess: fetch the part before the tail
-            (head,) = await fetcher.fetch([(start, held)])
-            member = head + tail[: end - held]
-        toc = estargz.extract_toc(member, limit)
+        # A TOC bigger than the tail costs one more request; a FormatError here is
+        # ``invalid_toc`` (see ``mount``).
+        toc = await estargz.read_toc(fetcher, size, tail, footer, self.config.remote.max_toc_bytes)
         if expected is not None:
             estargz.verify_toc(toc, expected)
-        return CheckedToc(estargz.toc_digest(toc), toc, size, start)
+        return CheckedToc(estargz.toc_digest(toc), toc, size, footer.toc_offset)
 
     def _spec(self, sid: int, ref: str, digest: str, toc_digest: str | None) -> dict[str, Any]:
         """The daemon's LayerSpec; with no TOC digest the daemon skips verification."""

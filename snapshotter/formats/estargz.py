@@ -435,11 +435,30 @@ async def fetch_toc(
     tail_len = min(FOOTER_MAX, blob_size)
     (tail,) = await fetcher.fetch([(blob_size - tail_len, blob_size)])
     footer = parse_footer(tail)
+    return blob_size, footer, await read_toc(fetcher, blob_size, tail, footer, max_toc_bytes)
+
+
+async def read_toc(
+    fetcher: BlobFetcher, blob_size: int, tail: bytes, footer: Footer,
+    max_toc_bytes: int = DEFAULT_MAX_TOC_BYTES,
+) -> bytes:
+    """The TOC JSON of a blob whose last ``len(tail)`` bytes were read already (``tail``,
+    from which ``footer`` was parsed): the part of the TOC member the tail holds is used,
+    and only the part before it is fetched (nothing when the tail holds it all).
+
+    Raises FormatError for a TOC member larger than ``max_toc_bytes`` + 1 MiB compressed
+    or a malformed TOC; fetcher errors propagate unchanged.
+    """
     start, end = footer.toc_range(blob_size)
     if end - start > max_toc_bytes + _TOC_MEMBER_SLACK:
         raise FormatError(f"compressed TOC member is {end - start} bytes, over the limit")
-    (member,) = await fetcher.fetch([(start, end)])
-    return blob_size, footer, extract_toc(member, max_toc_bytes)
+    held = blob_size - len(tail)  # the tail holds [held, blob_size)
+    if start >= held:
+        member = tail[start - held : end - held]
+    else:
+        (head,) = await fetcher.fetch([(start, held)])
+        member = head + tail[: end - held]
+    return extract_toc(member, max_toc_bytes)
 
 
 async def open_layer(
