@@ -163,6 +163,21 @@ class Config:
         """The file through which daemons share on-demand activity (fs.activity)."""
         return str(Path(self.root) / "activity")
 
+    def layer_fetch_settings(self) -> dict[str, Any]:
+        """The keys of a daemon's layer spec (``fs.control.LayerSpec``) that every remote
+        layer, eStargz or nydus, takes from ``[remote]``: prefetch, background fetch,
+        read-ahead and amplification."""
+        remote = self.remote
+        return {
+            "prefetch_timeout_s": remote.prefetch_timeout,
+            "background_fetch": remote.background_fetch,
+            "background_rate_bytes_per_s": remote.background_rate,
+            "background_silence_s": remote.background_silence,
+            "activity_file": self.activity_file,
+            "readahead_chunks": remote.readahead_chunks,
+            "amplify_bytes": remote.amplify_bytes,
+        }
+
     def with_overrides(self, **flags: str | None) -> Config:
         """Return a copy with the top-level keys given (non-None) replaced."""
         changes: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}

@@ -259,17 +259,10 @@ class NydusLayers:
     def spec(self, sid: int, ref: str, digest: str, fmt: str, bootstrap: str,
              boot_digest: str) -> dict[str, Any]:
         """The daemon's LayerSpec for a bootstrap layer (``toc_digest``: the bootstrap's)."""
-        remote = self.config.remote
         return {
             "layer_id": sid, "ref": ref, "digest": digest, "toc_digest": boot_digest,
             "skip_verify": False, "format": fmt, "bootstrap": bootstrap,
-            "prefetch_timeout_s": remote.prefetch_timeout,
-            "background_fetch": remote.background_fetch,
-            "background_rate_bytes_per_s": remote.background_rate,
-            "background_silence_s": remote.background_silence,
-            "activity_file": self.config.activity_file,
-            "readahead_chunks": remote.readahead_chunks,
-            "amplify_bytes": remote.amplify_bytes,
+            **self.config.layer_fetch_settings(),
         }
 
     def restore_spec(self, sid: int, mountpoint: str,

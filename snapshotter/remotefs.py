@@ -199,17 +199,10 @@ class LazyLayers:
 
     def _spec(self, sid: int, ref: str, digest: str, toc_digest: str | None) -> dict[str, Any]:
         """The daemon's LayerSpec; with no TOC digest the daemon skips verification."""
-        remote = self.config.remote
         return {
             "layer_id": sid, "ref": ref, "digest": digest, "toc_digest": toc_digest,
             "skip_verify": toc_digest is None, "format": "estargz",
-            "prefetch_timeout_s": remote.prefetch_timeout,
-            "background_fetch": remote.background_fetch,
-            "background_rate_bytes_per_s": remote.background_rate,
-            "background_silence_s": remote.background_silence,
-            "activity_file": self.config.activity_file,
-            "readahead_chunks": remote.readahead_chunks,
-            "amplify_bytes": remote.amplify_bytes,
+            **self.config.layer_fetch_settings(),
         }
 
     def check(self, sid: int) -> None:
