@@ -36,7 +36,7 @@ from snapshotter.formats.estargz import (
 from snapshotter.formats.index import ROOT_INO, LayerIndex, NodeKind
 from snapshotter.remote.base import BlobFetcher
 
-_TREE_TYPES = {
+TREE_TYPES = {  # NodeKind -> the type names of `tree -J` (RAFS inspection uses them too)
     NodeKind.DIR: "directory",
     NodeKind.REG: "file",
     NodeKind.SYMLINK: "link",
@@ -71,7 +71,7 @@ def tree_json(index: LayerIndex) -> list[dict[str, Any]]:
             item["contents"] = contents = []
         for name in sorted(node.children, key=_name_key):
             child = index.get(node.children[name])
-            entry: dict[str, Any] = {"type": _TREE_TYPES[child.kind], "name": name}
+            entry: dict[str, Any] = {"type": TREE_TYPES[child.kind], "name": name}
             contents.append(entry)
             if child.kind is NodeKind.DIR:
                 dirs += 1
@@ -158,7 +158,7 @@ def _analyse(blob_size: int, footer: Footer, toc_json: bytes) -> tuple[dict[str,
         "toc_digest": toc_digest(toc_json),
         "toc_bytes": len(toc_json),
         "entries": dict(sorted(Counter(e.type for e in entries).items())),
-        "inodes": dict(sorted(Counter(_TREE_TYPES[n.kind] for n in index.nodes.values())
+        "inodes": dict(sorted(Counter(TREE_TYPES[n.kind] for n in index.nodes.values())
                               .items())),
         "uncompressed_size": index.total_data_bytes(),
         "chunks": sum(len(n.chunks) for n in regs),

@@ -36,15 +36,6 @@ from snapshotter.formats.index import LayerIndex, Node, NodeKind
 BOOTSTRAP_NAMES = ("image/image.boot", "image.boot")  # preferred first
 MAX_BOOTSTRAP_BYTES = 1 << 30
 
-_TREE_TYPES = {
-    NodeKind.DIR: "directory",
-    NodeKind.REG: "file",
-    NodeKind.SYMLINK: "link",
-    NodeKind.CHAR: "char",
-    NodeKind.BLOCK: "block",
-    NodeKind.FIFO: "fifo",
-}
-
 
 def _jsonable(obj: Any) -> Any:
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
@@ -111,7 +102,7 @@ def inspect_rafs(bootstrap: bytes) -> dict[str, Any]:
         else [rafs.digest_from_flags(flags)],
         "chunk_size": chunk_size,
         "blobs": [_jsonable(b) for b in blobs],
-        "inodes": dict(sorted(Counter(_TREE_TYPES[n.kind] for n in nodes).items())),
+        "inodes": dict(sorted(Counter(estargz_inspect.TREE_TYPES[n.kind] for n in nodes).items())),
         "names": sum(len(n.children) for n in nodes) + 1,
         "hardlinked": sum(1 for n in nodes if n.kind is not NodeKind.DIR and n.nlink > 1),
         "whiteouts": sum(1 for n in nodes if _is_whiteout(n)),
