@@ -5,7 +5,9 @@ containerd that knows every snapshotter under test.
 ``ctr image pull`` of the gzip image), ``lazysnap`` (dedicated daemons),
 ``lazysnap-shared`` (one shared daemon), each pulling the eStargz image with
 ``ctr-remote image rpull``, ``lazysnap-nydus`` (dedicated daemons, rpull of the nydus
-image; cold-start figure only) and any extra proxy snapshotter given as ``NAME=SOCKET``.
+image; cold-start figure only), ``lazysnap-opt`` (dedicated daemons, rpull of the
+landmark-optimised eStargz image made for the workload being run; cold-start figure only)
+and any extra proxy snapshotter given as ``NAME=SOCKET``.
 
 ``BenchEnv.cold`` makes a variant cold: the images removed with a synchronous garbage
 collection (content and snapshots go with them), a lazysnap instance restarted on an empty
@@ -34,7 +36,7 @@ from tests.e2e.procs import (
     wait_until,
 )
 
-from .images import CachedImage
+from .images import CachedImage, optimized_tag
 from .wan import LinkSpec, NetnsRegistry, WanLink, loopback_registry
 
 LOG_DIR = REPO_ROOT / "bench" / "results"
@@ -51,6 +53,7 @@ class Variant:
     socket: str = ""  # extra proxy snapshotters only
     image_tag: str = ""  # the tag it pulls; "" for the default (esgz if lazy, else gzip)
     cold_only: bool = False  # measured in the cold-start figure only
+    optimized: bool = False  # pulls the image optimised for the workload (cold start only)
 
     @property
     def ours(self) -> bool:
@@ -59,8 +62,18 @@ class Variant:
 
     @property
     def tag(self) -> str:
-        """The image tag this variant pulls."""
+        """The image tag this variant pulls outside the cold-start figure."""
         return self.image_tag or ("esgz" if self.lazy else "gzip")
+
+    @property
+    def label(self) -> str:
+        """The name shown in the report: ``name``, marked when the image is optimised."""
+        return f"{self.name} (optimised image)" if self.optimized else self.name
+
+    def tag_for(self, workload: str) -> str:
+        """The image tag this variant pulls to run ``workload``: ``opt-<workload>`` when
+        it is ``optimized``, else :attr:`tag`."""
+        return optimized_tag(workload) if self.optimized else self.tag
 
 
 OVERLAYFS = Variant("overlayfs", lazy=False)
@@ -68,6 +81,8 @@ LAZYSNAP = Variant("lazysnap", lazy=True, mode="dedicated")
 LAZYSNAP_SHARED = Variant("lazysnap-shared", lazy=True, mode="shared")
 LAZYSNAP_NYDUS = Variant("lazysnap-nydus", lazy=True, mode="dedicated", image_tag="nydus",
                          cold_only=True)
+LAZYSNAP_OPT = Variant("lazysnap-opt", lazy=True, mode="dedicated", cold_only=True,
+                       optimized=True)
 
 
 def parse_extra(spec: str) -> Variant:

@@ -4,9 +4,13 @@ Each image is pushed twice into the registry storage under ``bench/.cache/regist
 ``bench/<name>:gzip`` (ordinary gzip layers) and ``bench/<name>:esgz`` (the same image
 converted by ``ctr-remote image convert --estargz --oci``); the images of the cold-start
 figure also as ``bench/<name>:nydus`` (the gzip image converted by ``python -m snapshotter
-convert --format rafs-v6 --from-image``, added on first use). ``bench/.cache/images.json``
-records what was pushed (layer digests, sizes, TOC digests, DiffIDs); an image is built
-again only when it is missing there or ``CACHE_VERSION`` changed.
+convert --format rafs-v6 --from-image``, added on first use) and, with ``--optimized``,
+once per workload as ``bench/<name>:opt-<workload>`` (the gzip image converted by
+``ctr-remote image optimize --oci`` while running that workload, so the files it reads
+come first in each layer, before a prefetch landmark; added on first use).
+``bench/.cache/images.json`` records what was pushed (layer digests, sizes, TOC digests,
+DiffIDs); an image is built again only when it is missing there or ``CACHE_VERSION``
+changed.
 
 * ``tiny``: static busybox, a greeting, an 8 MiB random file and a 200-file tree; needs no
   network (the smoke test uses it).
@@ -146,6 +150,19 @@ class CachedImage:
     def from_json(cls, raw: dict[str, Any]) -> CachedImage:
         return cls(raw["name"], {k: PushedVariant.from_json(v)
                                  for k, v in raw["variants"].items()}, dict(raw["facts"]))
+
+
+def optimized_tag(workload: str) -> str:
+    """The tag of the image optimised for ``workload``: ``opt-<workload>``."""
+    return f"opt-{workload}"
+
+
+def expected_output(wl: Workload, img: CachedImage) -> str:
+    """What ``wl``'s standard output must contain in ``img`` ("" for anything): the MD5
+    of the big file for ``md5sum``, else the workload's own ``expect``."""
+    if wl.name == "md5sum":
+        return img.facts.get("big_md5", "")
+    return wl.expect
 
 
 HELLO = Workload("hello", ("python3", "-c", 'print("hello")'), "hello")
@@ -385,6 +402,73 @@ def convert_estargz(containerd: Containerd, src: str, dst: str) -> None:
     containerd.ctr("image", "rm", "--sync", src, dst, timeout=600)
 
 
+OPTIMIZE_PERIOD_S = 300  # the longest a workload may run while it is recorded
+_EXIT_CODE = re.compile(r"container exit with code (\d+)")
+
+
+def optimize_argv(wl: Workload, src: str, dst: str) -> list[str]:
+    """``ctr-remote`` arguments that optimise ``src`` for ``wl`` into ``dst``: ``image
+    optimize --oci`` with the workload's argv as ``--entrypoint`` (its first word) and
+    ``--args`` (the rest), both JSON arrays."""
+    return ["image", "optimize", "--oci", f"--period={OPTIMIZE_PERIOD_S}",
+            f"--entrypoint={json.dumps(list(wl.argv[:1]))}",
+            f"--args={json.dumps(list(wl.argv[1:]))}", src, dst]
+
+
+def check_optimize_run(wl: Workload, expect: str, stdout: str, stderr: str) -> None:
+    """Raise HarnessError unless the recorded run of ``wl`` succeeded: the exit code
+    ``ctr-remote`` logs must be 0 and ``expect`` (if any) must be in the output."""
+    codes = _EXIT_CODE.findall(stderr)
+    if not codes or codes[-1] != "0":
+        raise HarnessError(f"optimising for {wl.name}: the workload did not exit with 0:\n"
+                           f"{stderr[-3000:]}")
+    if expect and expect not in stdout:
+        raise HarnessError(f"optimising for {wl.name}: expected {expect!r} in {stdout!r}")
+
+
+def optimize_for(containerd: Containerd, wl: Workload, expect: str, src: str,
+                 dst: str) -> None:
+    """Optimise the image ``src`` (already in ``containerd``) for ``wl``: the workload runs
+    once in a container of this containerd, the files it opens are moved to the front of
+    their layers before a prefetch landmark, and the result is pushed as ``dst`` (then
+    removed from containerd). HarnessError if the workload failed."""
+    result = containerd.ctr(*optimize_argv(wl, src, dst), binary="ctr-remote",
+                            timeout=1800)
+    check_optimize_run(wl, expect, result.stdout, result.stderr)
+    containerd.ctr("image", "push", "--plain-http", dst, timeout=1800)
+    containerd.ctr("image", "rm", "--sync", dst, timeout=600)
+
+
+def optimize_image(containerd: Containerd, host: str, img: CachedImage,
+                   workloads: Sequence[Workload]) -> CachedImage:
+    """``img`` with an ``opt-<workload>`` tag for each of ``workloads``, each optimised
+    from its ``gzip`` tag (see :func:`optimize_for`) and pushed to the registry ``host``."""
+    src = img.ref(host, "gzip")
+    containerd.pull(src, snapshotter="overlayfs", timeout=1800)
+    try:
+        added: dict[str, PushedVariant] = {}
+        for wl in workloads:
+            tag = optimized_tag(wl.name)
+            optimize_for(containerd, wl, expected_output(wl, img), src, img.ref(host, tag))
+            added[tag] = read_variant(host, img.repo, tag)
+    finally:
+        containerd.ctr("image", "rm", "--sync", src, timeout=600, check=False)
+    return replace(img, variants={**img.variants, **added})
+
+
+def missing_optimized(images: dict[str, CachedImage],
+                      names: Sequence[str]) -> dict[str, list[Workload]]:
+    """For each of ``names`` whose optimised tags are not all in ``images``: the
+    workloads that lack theirs (images with every tag are left out)."""
+    out: dict[str, list[Workload]] = {}
+    for name in names:
+        lacking = [wl for wl in IMAGES[name].workloads
+                   if optimized_tag(wl.name) not in images[name].variants]
+        if lacking:
+            out[name] = lacking
+    return out
+
+
 def convert_nydus(src: str, dst: str) -> None:
     """Convert the OCI image ``src`` into a RAFS v6 nydus image with lazysnap's converter
     (``python -m snapshotter convert --from-image``) and push it as ``dst``."""
@@ -491,9 +575,31 @@ class ImageCache:
                 shutil.rmtree(work, ignore_errors=True)
             return {n: images[n] for n in names}
 
-    def _build(self, names: Sequence[str], images: dict[str, CachedImage],
-               log: Callable[[str], None]) -> None:
-        """Build ``names`` into ``images``, saving the index after each one."""
+    def ensure_optimized(self, names: Sequence[str],
+                         log: Callable[[str], None]) -> dict[str, CachedImage]:
+        """``ensure(names)``, plus an ``opt-<workload>`` tag for every workload of each
+        (optimised from ``gzip`` for that workload once, see :func:`optimize_image`)."""
+        have = self.ensure(names, log)
+        if not missing_optimized(have, names):
+            return have
+        with self.locked():
+            images = self.load()
+            missing = missing_optimized(images, names)
+            if missing:
+                with self._build_env() as (host, containerd, _):
+                    for name, workloads in missing.items():
+                        log(f"optimising image {name} for {', '.join(w.name for w in workloads)}"
+                            f" (once; cached in {self.root})")
+                        images[name] = optimize_image(containerd, host, images[name],
+                                                      workloads)
+                        self._save(images)
+            return {n: images[n] for n in names}
+
+    @contextmanager
+    def _build_env(self) -> Iterator[tuple[str, Containerd, Path]]:
+        """A registry on 127.0.0.1 serving the cache's storage and a private containerd
+        (overlayfs only) in a temporary work directory, all removed on exit; yields
+        (registry host, containerd, work directory)."""
         work = Path(tempfile.mkdtemp(prefix="lazysnap-bench-build-", dir="/tmp"))
         registry = loopback_registry(work / "registry", self.storage)
         containerd = Containerd(work / "containerd", proxy_socket=work / "none.sock",
@@ -501,15 +607,21 @@ class ImageCache:
         try:
             registry.start()
             containerd.start()
-            for name in names:
-                log(f"building image {name} (once; cached in {self.root})")
-                images[name] = self._build_one(name, registry.host, containerd, work)
-                self._save(images)
+            yield registry.host, containerd, work
         finally:
             containerd.stop()
             registry.stop()
             unmount_all_under(work)
             shutil.rmtree(work, ignore_errors=True)
+
+    def _build(self, names: Sequence[str], images: dict[str, CachedImage],
+               log: Callable[[str], None]) -> None:
+        """Build ``names`` into ``images``, saving the index after each one."""
+        with self._build_env() as (host, containerd, work):
+            for name in names:
+                log(f"building image {name} (once; cached in {self.root})")
+                images[name] = self._build_one(name, host, containerd, work)
+                self._save(images)
 
     def _build_one(self, name: str, host: str, containerd: Containerd,
                    work: Path) -> CachedImage:

@@ -6,7 +6,7 @@ Targets are only *reported* (PASS/FAIL next to each figure); nothing asserts the
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,12 +80,16 @@ TARGETS: tuple[Target, ...] = (
 )
 
 
-def evaluate(summary: Summary, targets: Sequence[Target] = TARGETS) -> list[Verdict]:
-    """Every target against every variant it applies to that the summary has."""
+def evaluate(summary: Summary, targets: Sequence[Target] = TARGETS,
+             untargeted: Collection[str] = ()) -> list[Verdict]:
+    """Every target against every variant it applies to that the summary has; a target
+    with no explicit ``variants`` skips the baseline and the ``untargeted`` variants (such
+    as the optimised image, which the issue's targets are not about)."""
     out: list[Verdict] = []
     for target in targets:
         measured = summary.medians.get(target.key, {})
-        names = target.variants or tuple(v for v in measured if v != BASELINE)
+        names = target.variants or tuple(v for v in measured
+                                         if v != BASELINE and v not in untargeted)
         for variant in names:
             value = measured.get(variant)
             if target.against:
@@ -127,12 +131,15 @@ def _verdict_text(v: Verdict) -> str:
     return f"{v.variant} {shown} {v.word}"
 
 
-def table(summary: Summary, variants: Sequence[str], verdicts: Sequence[Verdict]) -> str:
+def table(summary: Summary, variants: Sequence[str], verdicts: Sequence[Verdict],
+          labels: Mapping[str, str] | None = None) -> str:
     """A Markdown table: one row per figure/image/case/metric, a column per variant, the
-    ratio of each other variant to overlayfs, and the target with its verdicts."""
+    ratio of each other variant to overlayfs, and the target with its verdicts. Column
+    headers show ``labels[variant]`` where given, else the variant's name."""
+    shown = {v: (labels or {}).get(v, v) for v in variants}
     others = [v for v in variants if v != BASELINE]
-    header = ["figure", "image", "case", "metric", *variants,
-              *(f"{v}/{BASELINE}" for v in others if BASELINE in variants),
+    header = ["figure", "image", "case", "metric", *(shown[v] for v in variants),
+              *(f"{shown[v]}/{BASELINE}" for v in others if BASELINE in variants),
               "target", "verdict"]
     by_key: dict[Key, list[Verdict]] = {}
     for verdict in verdicts:

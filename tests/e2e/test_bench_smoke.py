@@ -29,7 +29,7 @@ def test_bench_runs_end_to_end_on_the_tiny_image(
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--images", "tiny", "--no-shaping", "--reps", "1",
-         "--api-cycles", "10", "--json", str(out)],
+         "--api-cycles", "10", "--optimized", "--json", str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=1500, check=False)
     assert result.returncode == 0, f"stdout:\n{result.stdout}\nstderr:\n{result.stderr[-6000:]}"
     assert result.stdout.startswith("| figure | image | case | metric | overlayfs |")
@@ -44,3 +44,8 @@ def test_bench_runs_end_to_end_on_the_tiny_image(
     assert "link_measured" in doc["meta"]
     cold = [s for s in doc["samples"] if s["figure"] == "cold" and s["metric"] == "run_s"]
     assert all(s["value"] > 0 for s in cold)
+    # The image optimised for the workload: cold start only, never checked against targets.
+    assert {s["figure"] for s in doc["samples"] if s["variant"] == "lazysnap-opt"} == {"cold"}
+    assert "opt-cat" in doc["meta"]["image_sizes"]["tiny"]
+    assert all(t["variant"] != "lazysnap-opt" for t in doc["targets"])
+    assert "lazysnap-opt (optimised image)" in result.stdout.splitlines()[0]
