@@ -117,8 +117,9 @@ class App:
         stack.push_async_callback(manager.aclose)
         self.metrics.watch(Poller(manager, counters, daemon_mode=cfg.daemon.mode,
                                   cache_limit_bytes=cfg.cache.limit_bytes))
-        snapshotter = RemoteSnapshotter(cfg, store, LazyLayers(cfg, manager, client),
-                                        observe=self.metrics.observe_decision)
+        lazy = LazyLayers(cfg, manager, client)
+        stack.push_async_callback(lazy.aclose)
+        snapshotter = RemoteSnapshotter(cfg, store, lazy, observe=self.metrics.observe_decision)
         await snapshotter.restore()
         return snapshotter
 

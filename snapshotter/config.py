@@ -68,6 +68,11 @@ class RemoteConfig:
     read_ahead_kib: int = 4096
     # Largest TOC accepted, bytes.
     max_toc_bytes: int = 64 << 20
+    # On the Prepare of a layer, start fetching the footer and TOC of up to this many of
+    # the image's following layers (named by the cri.image-layers / stargz.layers label),
+    # so that their own Prepares, which containerd sends one after another, find them
+    # fetched; 0 disables.
+    toc_lookahead_layers: int = 8
 
 
 @dataclass(frozen=True)
@@ -294,6 +299,7 @@ def _check(config: Config) -> None:
         ("remote.background_rate", config.remote.background_rate),
         ("remote.background_silence", config.remote.background_silence),
         ("remote.amplify_bytes", config.remote.amplify_bytes),
+        ("remote.toc_lookahead_layers", config.remote.toc_lookahead_layers),
         ("remote.read_ahead_kib", config.remote.read_ahead_kib),
         ("daemon.restart_limit", config.daemon.restart_limit),
     ):

@@ -58,6 +58,31 @@ def layer_source(labels: Mapping[str, str]) -> tuple[str, str] | None:
     return None
 
 
+def following_layers(labels: Mapping[str, str]) -> list[str]:
+    """Digests of the layers after this one in the image, as the labels list them
+    (``cri.image-layers`` with the CRI labels, else ``stargz.layers``: this layer first,
+    then the following ones, possibly cut short by the 4096-byte label limit).
+
+    Only ``sha256:<64 hex>`` entries are returned, in order, without this layer and
+    without duplicates; no list (or no layer source) is an empty list.
+    """
+    source = layer_source(labels)
+    if source is None:
+        return []
+    _, this = source
+    key = CRI_IMAGE_LAYERS if labels.get(CRI_LAYER_DIGEST) == this else STARGZ_LAYERS
+    out: list[str] = []
+    for raw in labels.get(key, "").split(","):
+        digest = raw.strip()
+        if (digest != this and digest not in out and digest.startswith("sha256:")
+                and len(digest) == 71 and all(c in _HEX for c in digest[7:])):
+            out.append(digest)
+    return out
+
+
+_HEX = frozenset("0123456789abcdef")
+
+
 def is_remote(labels: Mapping[str, str]) -> bool:
     """True when the snapshot was committed by lazysnap as a remote snapshot."""
     return labels.get(REMOTE) == REMOTE_VALUE
