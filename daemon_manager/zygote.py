@@ -1,7 +1,7 @@
 """A pre-imported template process that forks FUSE daemons in milliseconds.
 
 Starting a dedicated daemon with ``posix_spawn`` costs a Python start-up plus the imports
-of the daemon (asyncio, aiohttp, pyfuse3, the format readers): 0.4-0.7 s per layer, paid
+of the daemon (asyncio, aiohttp, the FUSE session, the format readers): 0.4-0.7 s per layer, paid
 once per layer on the pull's critical path, since containerd prepares layers one by one.
 The zygote pays it once: ``lazysnap serve`` starts it in dedicated mode, it imports
 everything a daemon needs, and then, for each request, forks a child that *is* a daemon:
@@ -49,7 +49,7 @@ _PR_SET_MM_MAP = 14
 _MAX_REQUEST = 1 << 16
 # Everything a daemon imports, including what it imports lazily on its way to serving a
 # layer (a module imported after the fork is compiled and executed again in every child).
-_PRELOAD = ("asyncio", "pyfuse3.asyncio", "snapshotter.formats.estargz",
+_PRELOAD = ("asyncio", "snapshotter.fs.fusesession", "snapshotter.formats.estargz",
             "snapshotter.fs.daemon", "snapshotter.metrics.counters",
             "snapshotter.fs.reader", "snapshotter.fs.ops", "snapshotter.fs.control",
             "snapshotter.fs.kernel", "snapshotter.fs.activity", "snapshotter.fs.fetchpolicy",

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
-PKGS=(containerd runc docker-registry stargz-snapshotter fuse3 libfuse3-dev pkg-config
+PKGS=(containerd runc docker-registry stargz-snapshotter fuse3
       umoci skopeo erofs-utils busybox-static prometheus iproute2 procps psmisc attr)
 missing=()
 for p in "${PKGS[@]}"; do

@@ -40,6 +40,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
@@ -68,6 +69,27 @@ def chunk_key(chunk: Chunk, blob_digest: str) -> str:
         return chunk.digest
     ident = f"{blob_digest}\0{chunk.blob_offset}\0{chunk.inner_offset}\0{chunk.size}"
     return f"{POSITIONAL_ALGO}:{sha256(ident.encode()).hexdigest()}"
+
+
+def _copy_whole(src: str, dst_fd: int, length: int) -> bool:
+    """Append the file ``src`` (which must be exactly ``length`` bytes) to ``dst_fd``;
+    False when it is missing or has another length."""
+    try:
+        fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        if os.fstat(fd).st_size != length:
+            return False
+        done = 0
+        while done < length:
+            n = os.copy_file_range(fd, dst_fd, length - done)
+            if n == 0:
+                return False
+            done += n
+        return True
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +172,23 @@ class ChunkCache:
         """Whether ``key`` is stored right now (it may be evicted a moment later)."""
         return os.path.isfile(self._path(key))
 
+    def will_need(self, key: str, offset: int = 0, length: int = 0) -> bool:
+        """Whether ``key`` is stored; if it is, the kernel is asked to start reading its
+        file (``length`` bytes from ``offset``; 0: to the end) into the page cache now
+        (``POSIX_FADV_WILLNEED``, asynchronous), so that a sequential reader finds it
+        there. Errors only mean no hint."""
+        path = self._path(key)
+        handle = self._acquire(key, path)
+        if handle is None:
+            return False
+        try:
+            os.posix_fadvise(handle.fd, offset, length, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+        finally:
+            self._release(handle)
+        return True
+
     def get(self, key: str) -> bytes | None:
         """The whole chunk stored under ``key``, or None on a miss."""
         return self._read(key, 0, None)
@@ -164,6 +203,34 @@ class ChunkCache:
         if offset < 0 or length < 0:
             raise ValueError("negative offset or length")
         return self._read(key, offset, length)
+
+    def read_into(self, key: str, offset: int, out: memoryview) -> bool:
+        """Fill ``out`` with the bytes at ``offset`` of the chunk under ``key``; False on a
+        miss (then ``out`` holds garbage). Same damage and error rules as ``read``; spares
+        the caller a new bytes object per read (the FUSE session reuses one buffer). A
+        miss is not counted here: the caller falls back to ``read``, which counts it."""
+        if offset < 0:
+            raise ValueError("negative offset")
+        path = self._path(key)
+        handle = self._acquire(key, path)
+        if handle is None:
+            return False
+        try:
+            want = len(out)
+            got = os.preadv(handle.fd, [out], offset) if want > 0 else 0
+            if got != want:
+                self._discard(path, handle)
+                return False
+            now = time.time()
+            if now - handle.touched >= self._touch_interval:
+                os.utime(handle.fd)
+                handle.touched = now
+        except OSError:
+            return False
+        finally:
+            self._release(handle)
+        self._count(miss=False)
+        return True
 
     def close(self) -> None:
         """Close the descriptors kept open (those in use are closed by their reader);
@@ -285,6 +352,48 @@ class ChunkCache:
         with self._lock:
             self._stored += len(data)
             self._size = self._known_size_locked() + len(data)
+            if self._size > self._limit:
+                self._evict_locked()
+        return True
+
+    def assemble(self, key: str, parts: Sequence[tuple[str, int]]) -> bool:
+        """Store under ``key`` one file made of the stored chunks ``parts`` ((chunk key,
+        length), in order), copied inside the kernel; atomic like ``put``.
+
+        For big files read sequentially: one contiguous file keeps the kernel's read-ahead
+        going from start to end, where a chain of chunk files restarts it at each chunk
+        (and, with cold caches, looks up each file's inode). The chunk files stay; they
+        are evicted like any other once no longer used. Returns True when the file is
+        stored (or already was), False when a part is missing or not ``length`` bytes, or
+        the whole is larger than the cache. Raises OSError when writing fails; no partial
+        file remains.
+        """
+        path = self.path_for(key)
+        total = sum(length for _, length in parts)
+        if total > self._limit:
+            return False
+        if path.is_file():
+            return True
+        with self._lock:
+            self._known_size_locked()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{path.name}"
+        try:
+            with open(tmp, "wb") as out:
+                for part, length in parts:
+                    if not _copy_whole(self._path(part), out.fileno(), length):
+                        os.unlink(tmp)
+                        return False
+                if self._fsync:
+                    os.fsync(out.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        with self._lock:
+            self._stored += total
+            self._size = self._known_size_locked() + total
             if self._size > self._limit:
                 self._evict_locked()
         return True

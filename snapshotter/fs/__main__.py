@@ -24,7 +24,6 @@ import logging
 import os
 import socket
 import sys
-import types
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -57,14 +56,10 @@ def _environ(**values: str) -> Iterator[None]:
 
 
 def import_runtime() -> None:
-    """Import pyfuse3 (switched to asyncio mode) and aiohttp without three costs a daemon
-    never uses. Each daemon is a process of its own, so these are paid per layer
-    (dedicated mode); together about 5 MiB of resident memory and 0.1 s of start-up:
+    """Import aiohttp without two costs a daemon never uses. Each daemon is a process of
+    its own, so these are paid per layer (dedicated mode); together a few MiB of resident
+    memory and tens of milliseconds of start-up:
 
-    * pyfuse3 imports trio at module level although in asyncio mode (``enable()``) it
-      only ever calls the shim ``pyfuse3.asyncio``: a placeholder ``trio`` module stands in
-      while pyfuse3 is imported, and is removed again (a later ``import trio`` gets the
-      real one). Skipped when pyfuse3 or trio is imported already.
     * frozenlist's compiled extension is C++ and loads libstdc++ only for aiohttp's
       signal lists; the pure-Python frozenlist (``FROZENLIST_NO_EXTENSIONS``) is
       the same type.
@@ -77,16 +72,6 @@ def import_runtime() -> None:
 
     The environment is restored afterwards. Idempotent.
     """
-    if "pyfuse3" not in sys.modules and "trio" not in sys.modules:
-        placeholder = types.ModuleType("trio")
-        sys.modules["trio"] = placeholder
-        try:
-            import pyfuse3.asyncio
-
-            pyfuse3.asyncio.enable()  # pyfuse3 must never call into the placeholder
-        finally:
-            if sys.modules.get("trio") is placeholder:
-                del sys.modules["trio"]
     if "aiohttp" not in sys.modules:
         with _environ(FROZENLIST_NO_EXTENSIONS="1", SSL_CERT_FILE=_NO_CA_FILE):
             import aiohttp  # noqa: F401
@@ -161,10 +146,8 @@ async def _run(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import_runtime()  # first: before anything imports pyfuse3 or aiohttp
+    import_runtime()  # first: before anything imports aiohttp
     import asyncio
-
-    import pyfuse3.asyncio
 
     from snapshotter.metrics.counters import DaemonCounters
 
@@ -184,7 +167,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with contextlib.suppress(PermissionError):
         os.setsid()  # EPERM: already a session (or group) leader, as the manager starts us
-    pyfuse3.asyncio.enable()
     gc.freeze()  # the imported modules live as long as the daemon: out of the collector's way
     try:
         asyncio.run(_run(args, config, source, counters))

@@ -34,8 +34,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
-import pyfuse3
-
 from snapshotter.cache.chunkcache import ChunkCache
 from snapshotter.errdefs import (
     AlreadyExists,
@@ -63,8 +61,15 @@ from snapshotter.fs.control import (
     json_field,
 )
 from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress
+from snapshotter.fs.fusesession import FuseSession, MountOptions
 from snapshotter.fs.kernel import set_read_ahead
-from snapshotter.fs.ops import MAX_LAYER_ID, FuseTimeouts, LayerOperations, MountedLayer
+from snapshotter.fs.ops import (
+    MAX_LAYER_ID,
+    FuseTimeouts,
+    LayerOperations,
+    MountedLayer,
+    NullNotifier,
+)
 from snapshotter.fs.reader import ChunkReader, ReaderCounters
 from snapshotter.metrics.counters import DaemonCounters
 from snapshotter.remote.base import BlobFetcher
@@ -487,27 +492,11 @@ def rss_bytes() -> int:
 # --- the process --------------------------------------------------------------------------------
 
 
-class _PyfuseNotifier:
-    """Kernel cache invalidation through pyfuse3's notify thread (safe from handlers).
-
-    Disabled during teardown: the session is going away, and a notification queued for
-    it would fail once it is destroyed.
-    """
-
-    def __init__(self) -> None:
-        self.enabled = True
-
-    def entry_removed(self, parent_ino: int, name: bytes) -> None:
-        if self.enabled:
-            pyfuse3.invalidate_entry_async(parent_ino, name, ignore_enoent=True)
-
-
-def fuse_options(config: DaemonConfig) -> set[str]:
-    """The FUSE mount options of a daemon."""
-    opts = {"fsname=lazysnap", "subtype=lazysnap", "ro", "default_permissions"}
-    if config.allow_other:
-        opts.add("allow_other")
-    return opts
+def mount_options(config: DaemonConfig) -> MountOptions:
+    """How a daemon mounts its file system (``lazysnap`` on the mount point, type
+    ``fuse.lazysnap``, read-only, ``default_permissions``; ``allow_other`` unless
+    configured off)."""
+    return MountOptions(fsname="lazysnap", subtype="lazysnap", allow_other=config.allow_other)
 
 
 class Daemon:
@@ -539,15 +528,16 @@ class Daemon:
         self._cache = ChunkCache(
             config.cache_dir, config.cache_limit_bytes, fsync=config.cache_fsync
         )
-        self._notifier = _PyfuseNotifier()
         self._ops = LayerOperations(
             shared=mode == "shared",
             timeouts=FuseTimeouts(entry_s=config.entry_timeout, attr_s=config.attr_timeout),
-            notifier=self._notifier,
-            on_init=self._after_init,
         )
         self.counters = counters if counters is not None else DaemonCounters()
-        self.counters.fuse.instrument(self._ops)
+        self._session = FuseSession(
+            self._ops, mountpoint, mount_options(config), max_tasks=config.fuse_max_tasks,
+            stats=self.counters.fuse, on_init=self._after_init,
+        )
+        self._ops.notifier = self._session
         self.manager = LayerManager(
             mode=mode, mountpoint=mountpoint, ops=self._ops, cache=self._cache,
             source=source, openers=openers, counters=self.counters,
@@ -564,22 +554,20 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.manager.request_shutdown)
         try:
-            pyfuse3.init(self._ops, self._mountpoint, fuse_options(self._config))
-        except RuntimeError as exc:
+            self._session.mount()
+        except OSError as exc:
             await self._source.aclose()
             raise StartupError(f"cannot mount FUSE at {self._mountpoint}: {exc}") from exc
-        fuse_task = loop.create_task(pyfuse3.main(max_tasks=self._config.fuse_max_tasks))
+        fuse_task = loop.create_task(self._session.serve())
         try:
             await self._serve(fuse_task)
         finally:
             await self._teardown(fuse_task)
 
     def _after_init(self) -> None:
-        """Runs inside the FUSE INIT request: schedules the read-ahead setting for right
-        after it, since the INIT reply resets the window to at most the kernel's default
-        (``snapshotter.fs.kernel``)."""
-        asyncio.get_running_loop().call_soon(
-            set_read_ahead, self._mountpoint, self._config.read_ahead_kib)
+        """Runs once the kernel has taken the INIT answer, which resets the read-ahead
+        window to at most the kernel's default (``snapshotter.fs.kernel``)."""
+        set_read_ahead(self._mountpoint, self._config.read_ahead_kib)
 
     async def _serve(self, fuse_task: asyncio.Task[None]) -> None:
         try:
@@ -604,18 +592,17 @@ class Daemon:
         """Undo ``run`` in reverse; raises DaemonError (after cleaning up) when the FUSE
         loop itself failed, so that the process exits non-zero."""
         self.manager.state = "stopping"
-        self._notifier.enabled = False
+        self._ops.notifier = NullNotifier()  # the session is going away
         await self.manager.aclose()  # first: pending reads and ready-waiters fail fast
         await self._server.aclose()
-        if not fuse_task.done():
-            pyfuse3.terminate()
+        self._session.stop()
         failure: BaseException | None = None
         try:
             await fuse_task
         except Exception as exc:
             log.exception("the FUSE loop failed")
             failure = exc
-        pyfuse3.close(unmount=True)
+        self._session.close()
         self._cache.close()
         await self._source.aclose()
         log.info("unmounted %s", self._mountpoint)

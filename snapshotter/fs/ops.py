@@ -1,4 +1,5 @@
-"""The pyfuse3 request handlers: a read-only filesystem over one or more ``LayerIndex``.
+"""The request handlers of the layer file system: a read-only tree over one or more
+``LayerIndex``, served by ``snapshotter.fs.fusesession``.
 
 Two layouts (``LayerOperations(shared=...)``):
 
@@ -12,8 +13,11 @@ Two layouts (``LayerOperations(shared=...)``):
   inodes must be below ``2**32``. Layers are added and removed at runtime; inodes of a
   removed layer answer ENOENT.
 
-The filesystem is immutable: there is no per-lookup state, so ``forget`` has nothing to
-release, and the open file handle of a regular file is its FUSE inode number.
+The filesystem is immutable: there is no per-lookup state (the kernel's FORGETs need no
+answer) and no per-open state: files and directories are opened by the kernel alone (the
+session answers OPEN/OPENDIR with ENOSYS), so READ and READDIR name the inode. Since the
+kernel caches directory listings, a change of the root (a layer added or removed) is
+announced through the ``KernelNotifier``.
 
 Extended attributes: a dedicated mount whose layer has no xattr at all answers
 ``getxattr`` with ENOSYS, which makes the kernel answer every later one itself
@@ -27,8 +31,8 @@ ENODATA as usual.
 
 Errors are mapped to errno here and only here (``_errno_for``): an unknown inode or name is
 ENOENT; registry, verification and format failures while reading are EIO (logged with the
-layer digest); any write is EROFS; an unexpected exception is EIO with a traceback in the
-log (pyfuse3 would otherwise stop serving the mount).
+layer digest); an access check for writing is EROFS (the session answers every writing
+request EROFS); an unexpected exception is EIO with a traceback in the log.
 """
 
 from __future__ import annotations
@@ -38,11 +42,10 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ParamSpec, Protocol, TypeVar
-
-import pyfuse3
+from typing import ParamSpec, Protocol, TypeVar
 
 from snapshotter.errdefs import (
     AlreadyExists,
@@ -54,6 +57,8 @@ from snapshotter.errdefs import (
     Unavailable,
 )
 from snapshotter.formats.index import ROOT_INO, LayerIndex, Node, NodeKind
+from snapshotter.fs.fusewire import Attr, FuseError, StatFs
+from snapshotter.fs.reader import CachedRange
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +70,7 @@ LOCAL_MASK = (1 << LAYER_SHIFT) - 1
 MAX_LAYER_ID = (1 << 31) - 1
 BLOCK_SIZE = 4096
 _READ_FAILURES = (RegistryError, FormatError, Unavailable)
+ENOATTR = errno.ENODATA  # "no such attribute" on Linux
 
 
 class RangeReader(Protocol):
@@ -74,21 +80,35 @@ class RangeReader(Protocol):
         """Bytes ``[offset, offset+length)`` of ``node`` (short at end of file)."""
         ...
 
+    def plan_cached(self, node: Node, offset: int, length: int) -> CachedRange | None:
+        """Where the same bytes lie in the cache when they are all there, else None."""
+        ...
 
-class KernelNotifier(Protocol):
-    """Tells the kernel to drop cached state (pyfuse3 notify calls in production)."""
-
-    def entry_removed(self, parent_ino: int, name: bytes) -> None:
-        """Forget the cached directory entry ``name`` of ``parent_ino``."""
+    def whole_file_path(self, node: Node) -> str | None:
+        """A local file with all of ``node``'s bytes, if there is one."""
         ...
 
 
-class _NullNotifier:
-    def entry_removed(self, parent_ino: int, name: bytes) -> None:
+class KernelNotifier(Protocol):
+    """Tells the kernel to drop cached state (the FUSE session in production)."""
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
+        """Forget the cached directory entry ``name`` of ``parent``."""
+        ...
+
+    def invalidate_inode(self, ino: int) -> None:
+        """Forget the cached attributes and listing of ``ino``."""
+        ...
+
+
+class NullNotifier:
+    """Notifies nothing (no session, or one going away)."""
+
+    def invalidate_entry(self, parent: int, name: bytes) -> None:
         pass
 
-
-ReaddirReply = Callable[[Any, bytes, pyfuse3.EntryAttributes, int], bool]
+    def invalidate_inode(self, ino: int) -> None:
+        pass
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,7 +137,7 @@ class MountedLayer:
 
 def _errno_for(exc: BaseException) -> int:
     """The errno for an exception raised while handling a request (the one mapping)."""
-    if isinstance(exc, pyfuse3.FUSEError):
+    if isinstance(exc, FuseError):
         return exc.errno
     if isinstance(exc, _READ_FAILURES):
         return errno.EIO
@@ -126,26 +146,22 @@ def _errno_for(exc: BaseException) -> int:
     return errno.EIO
 
 
-def _fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Let only FUSEError out of a handler; log what is mapped to EIO."""
+def _fuse_errors(fn: Callable[P, R]) -> Callable[P, R]:
+    """Let only FuseError out of a handler; log what is mapped to EIO."""
 
     @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            return fn(*args, **kwargs)
+        except FuseError:
             raise
         except Exception as exc:
             code = _errno_for(exc)
             if code == errno.EIO:
                 log.error("%s failed: %s", fn.__name__, exc, exc_info=True)
-            raise pyfuse3.FUSEError(code) from exc
+            raise FuseError(code) from exc
 
     return wrapper
-
-
-def _erofs() -> pyfuse3.FUSEError:
-    return pyfuse3.FUSEError(errno.EROFS)
 
 
 def _name(raw: bytes) -> str:
@@ -156,12 +172,14 @@ def _raw(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
 
 
-class LayerOperations(pyfuse3.Operations):
+DirEntries = list[tuple[bytes, int, Node]]
+_LISTINGS_KEPT = 64  # directory listings kept between READDIR calls (most recent first out)
+
+
+class LayerOperations:
     """The request handlers; see the module docstring for layouts and error mapping.
 
-    ``readdir_reply`` is ``pyfuse3.readdir_reply``; tests pass a fake to call ``readdir``
-    without a mount. ``on_init`` is called (on the event loop, from pyfuse3's ``init``)
-    while the kernel's INIT request is handled, before the reply is sent.
+    Metadata handlers are synchronous; ``read`` is a coroutine. All raise ``FuseError``.
     """
 
     def __init__(
@@ -170,25 +188,14 @@ class LayerOperations(pyfuse3.Operations):
         shared: bool,
         timeouts: FuseTimeouts | None = None,
         notifier: KernelNotifier | None = None,
-        readdir_reply: ReaddirReply = pyfuse3.readdir_reply,
-        on_init: Callable[[], None] | None = None,
     ) -> None:
-        super().__init__()
-        self._on_init = on_init
         self._shared = shared
         self._timeouts = timeouts or FuseTimeouts()
-        self._notifier = notifier or _NullNotifier()
-        self._reply = readdir_reply
+        self.notifier: KernelNotifier = notifier or NullNotifier()
         self._layers: dict[int, MountedLayer] = {}
-        self._dirs: dict[int, list[tuple[bytes, int, Node]]] = {}
-        self._next_dir_fh = 1
+        self._listings: OrderedDict[int, DirEntries] = OrderedDict()
         self._root = Node(ino=ROOT_INO, kind=NodeKind.DIR, mode=0o555, nlink=2)
         self._root.mtime_ns = time.time_ns()
-
-    def init(self) -> None:
-        """pyfuse3's hook for the FUSE INIT request: runs ``on_init``."""
-        if self._on_init is not None:
-            self._on_init()
 
     # --- layer table ------------------------------------------------------------------------
 
@@ -212,17 +219,26 @@ class LayerOperations(pyfuse3.Operations):
             if max(layer.index.nodes) > LOCAL_MASK:
                 raise InvalidArgument("layer index has inode numbers above 2**32")
         self._layers[layer.layer_id] = layer
-        self._root.nlink = 2 + len(self._layers) if self._shared else 2
+        self._root_changed()
 
     def remove_layer(self, layer_id: int) -> MountedLayer:
         """Stop serving a layer and return it; raises NotFound for an unknown id."""
         layer = self._layers.pop(layer_id, None)
         if layer is None:
             raise NotFound(f"layer {layer_id} is not mounted")
+        self._listings.clear()
         if self._shared:
-            self._root.nlink = 2 + len(self._layers)
-            self._notifier.entry_removed(ROOT_INO, str(layer_id).encode())
+            self.notifier.invalidate_entry(ROOT_INO, str(layer_id).encode())
+        self._root_changed()
         return layer
+
+    def _root_changed(self) -> None:
+        """The root's entries changed (a layer came or went, or the placeholder became the
+        layer's root): new nlink and mtime, and the kernel's cached listing dropped."""
+        self._root.nlink = 2 + len(self._layers) if self._shared else 2
+        self._root.mtime_ns = time.time_ns()
+        self._listings.pop(ROOT_INO, None)
+        self.notifier.invalidate_inode(ROOT_INO)
 
     # --- inode mapping ----------------------------------------------------------------------
 
@@ -243,17 +259,16 @@ class LayerOperations(pyfuse3.Operations):
             local = fuse_ino
         node = None if layer is None else layer.index.nodes.get(local)
         if node is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         return layer, node
 
-    def _attrs(self, fuse_ino: int, node: Node, synthetic: bool = False) -> pyfuse3.EntryAttributes:
-        # A new EntryAttributes is all zeros except st_mode, st_nlink and st_blksize (4096 =
-        # BLOCK_SIZE) and the timeouts: generation and st_rdev need no store of their own.
-        a = pyfuse3.EntryAttributes()
+    def _attrs(self, fuse_ino: int, node: Node, synthetic: bool = False) -> Attr:
+        a = Attr()
         a.st_ino = fuse_ino
         # The synthetic root changes (nlink, placeholder → layer root): never cache it.
-        a.entry_timeout = 0 if synthetic else self._timeouts.entry_s
-        a.attr_timeout = 0 if synthetic else self._timeouts.attr_s
+        if not synthetic:
+            a.entry_timeout = self._timeouts.entry_s
+            a.attr_timeout = self._timeouts.attr_s
         a.st_mode = node.st_mode
         a.st_nlink = node.nlink
         a.st_uid = node.uid
@@ -272,227 +287,168 @@ class LayerOperations(pyfuse3.Operations):
         a.st_ctime_ns = mtime
         return a
 
-    def _node_attrs(self, fuse_ino: int) -> pyfuse3.EntryAttributes:
+    def _node_attrs(self, fuse_ino: int) -> Attr:
         layer, node = self._resolve(fuse_ino)
         return self._attrs(fuse_ino, node, synthetic=layer is None)
 
     # --- metadata ---------------------------------------------------------------------------
 
     @_fuse_errors
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        layer, parent = self._resolve(parent_inode)
-        if parent.kind is not NodeKind.DIR:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
+    def lookup(self, parent: int, name: bytes) -> Attr:
+        layer, parent_node = self._resolve(parent)
+        if parent_node.kind is not NodeKind.DIR:
+            raise FuseError(errno.ENOTDIR)
         if name == b".":
-            return self._node_attrs(parent_inode)
+            return self._node_attrs(parent)
         if layer is None:
             if name == b"..":
                 return self._node_attrs(ROOT_INO)
             child_layer = self._layers.get(_layer_id_of(name)) if self._shared else None
             if child_layer is None:
-                raise pyfuse3.FUSEError(errno.ENOENT)
+                raise FuseError(errno.ENOENT)
             return self._node_attrs(self._fuse_ino(child_layer, ROOT_INO))
         if name == b"..":
-            if parent.ino == ROOT_INO:
-                return self._node_attrs(ROOT_INO if self._shared else parent_inode)
-            return self._node_attrs(self._fuse_ino(layer, parent.parent))
-        child = parent.children.get(_name(name))
+            if parent_node.ino == ROOT_INO:
+                return self._node_attrs(ROOT_INO if self._shared else parent)
+            return self._node_attrs(self._fuse_ino(layer, parent_node.parent))
+        child = parent_node.children.get(_name(name))
         if child is None:
-            raise pyfuse3.FUSEError(errno.ENOENT)
+            raise FuseError(errno.ENOENT)
         return self._node_attrs(self._fuse_ino(layer, child))
 
     @_fuse_errors
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        return self._node_attrs(inode)
-
-    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
-        """Nothing to release: inodes are static and carry no lookup state."""
+    def getattr(self, ino: int) -> Attr:
+        return self._node_attrs(ino)
 
     @_fuse_errors
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        _, node = self._resolve(inode)
+    def readlink(self, ino: int) -> bytes:
+        _, node = self._resolve(ino)
         if node.kind is not NodeKind.SYMLINK:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            raise FuseError(errno.EINVAL)
         return node.link_target
 
     @_fuse_errors
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, ino: int, name: bytes) -> bytes:
         """The value, ENODATA when it is not set, ENOSYS when no node of this dedicated
         mount has any (see the module docstring)."""
-        layer, node = self._resolve(inode)
+        layer, node = self._resolve(ino)
         if layer is not None and not self._shared and not layer.has_xattrs:
-            raise pyfuse3.FUSEError(errno.ENOSYS)
+            raise FuseError(errno.ENOSYS)
         value = node.xattrs.get(_name(name))
         if value is None:
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise FuseError(ENOATTR)
         return value
 
     @_fuse_errors
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> Sequence[bytes]:
-        _, node = self._resolve(inode)
+    def listxattr(self, ino: int) -> Sequence[bytes]:
+        _, node = self._resolve(ino)
         return [_raw(k) for k in node.xattrs]
 
     @_fuse_errors
-    async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+    def access(self, ino: int, mask: int) -> None:
         """Existence and read-only checks; permission bits are checked by the kernel
         (the mount always uses ``default_permissions``)."""
-        self._resolve(inode)
-        if mode & os.W_OK:
-            raise _erofs()
-        return True
+        self._resolve(ino)
+        if mask & os.W_OK:
+            raise FuseError(errno.EROFS)
 
     @_fuse_errors
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        s = pyfuse3.StatvfsData()
+    def statfs(self) -> StatFs:
         data = sum(layer.total_data_bytes for layer in self._layers.values())
-        s.f_bsize = BLOCK_SIZE
-        s.f_frsize = BLOCK_SIZE
-        s.f_blocks = (data + BLOCK_SIZE - 1) // BLOCK_SIZE
-        s.f_bfree = 0
-        s.f_bavail = 0
-        s.f_files = 1 + sum(len(layer.index.nodes) for layer in self._layers.values())
-        s.f_ffree = 0
-        s.f_favail = 0
-        s.f_namemax = 255
-        return s
+        return StatFs(
+            blocks=(data + BLOCK_SIZE - 1) // BLOCK_SIZE,
+            files=1 + sum(len(layer.index.nodes) for layer in self._layers.values()),
+            bsize=BLOCK_SIZE,
+            namelen=255,
+        )
 
     # --- directories ------------------------------------------------------------------------
 
-    @_fuse_errors
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        """Snapshot the directory's entries in a stable order (index order; layer ids in
-        increasing order for the synthetic root); readdir offsets index this snapshot."""
-        layer, node = self._resolve(inode)
+    def _listing(self, ino: int) -> DirEntries:
+        """The entries of directory ``ino`` in a stable order (index order; layer ids in
+        increasing order for the synthetic root). Positions index this list."""
+        entries = self._listings.get(ino)
+        if entries is not None:
+            self._listings.move_to_end(ino)
+            return entries
+        layer, node = self._resolve(ino)
         if node.kind is not NodeKind.DIR:
-            raise pyfuse3.FUSEError(errno.ENOTDIR)
-        entries: list[tuple[bytes, int, Node]] = []
+            raise FuseError(errno.ENOTDIR)
+        entries = []
         if layer is None:
-            for layer_id in sorted(self._layers):
-                child_layer = self._layers[layer_id]
-                fuse_ino = self._fuse_ino(child_layer, ROOT_INO)
-                entries.append((str(layer_id).encode(), fuse_ino, child_layer.index.root))
+            if self._shared:
+                for layer_id in sorted(self._layers):
+                    child_layer = self._layers[layer_id]
+                    entries.append((str(layer_id).encode(),
+                                    self._fuse_ino(child_layer, ROOT_INO),
+                                    child_layer.index.root))
         else:
             nodes = layer.index.nodes
-            for name, ino in node.children.items():
-                entries.append((_raw(name), self._fuse_ino(layer, ino), nodes[ino]))
-        fh = self._next_dir_fh
-        self._next_dir_fh += 1
-        self._dirs[fh] = entries
-        return fh
+            for name, child in node.children.items():
+                entries.append((_raw(name), self._fuse_ino(layer, child), nodes[child]))
+        self._listings[ino] = entries
+        if len(self._listings) > _LISTINGS_KEPT:
+            self._listings.popitem(last=False)
+        return entries
 
     @_fuse_errors
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._dirs.get(fh)
-        if entries is None:
-            raise pyfuse3.FUSEError(errno.EBADF)
-        for pos in range(start_id, len(entries)):
-            name, fuse_ino, node = entries[pos]
-            if not self._reply(token, name, self._attrs(fuse_ino, node), pos + 1):
-                return
+    def readdir(self, ino: int, offset: int) -> Iterator[tuple[bytes, Attr, int]]:
+        """Entries from position ``offset`` with their attributes and next positions.
+        ``.`` and ``..`` are not listed."""
+        entries = self._listing(ino)
+        return self._entries_from(entries, offset)
 
-    async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+    def _entries_from(self, entries: DirEntries, offset: int
+                      ) -> Iterator[tuple[bytes, Attr, int]]:
+        for pos in range(offset, len(entries)):
+            name, fuse_ino, node = entries[pos]
+            yield name, self._attrs(fuse_ino, node), pos + 1
 
     # --- files ------------------------------------------------------------------------------
 
-    @_fuse_errors
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        """Read-only opens of regular files; the handle is the inode, page cache kept."""
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_CREAT):
-            raise _erofs()
-        _, node = self._resolve(inode)
-        if node.kind is NodeKind.DIR:
-            raise pyfuse3.FUSEError(errno.EISDIR)
-        return pyfuse3.FileInfo(fh=inode, keep_cache=True)
-
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def passthrough_file(self, ino: int) -> str | None:
+        """A local file with all the bytes of regular file ``ino`` (its assembled copy
+        in the chunk cache), which the kernel may read directly; else None."""
         try:
-            layer, node = self._resolve(fh)
-        except pyfuse3.FUSEError:
-            raise pyfuse3.FUSEError(errno.EBADF) from None
+            layer, node = self._resolve(ino)
+        except FuseError:
+            return None
         if layer is None or node.kind is not NodeKind.REG:
-            raise pyfuse3.FUSEError(errno.EINVAL)
+            return None
+        return layer.reader.whole_file_path(node)
+
+    def read_plan(self, ino: int, offset: int, size: int) -> CachedRange | None:
+        """Where the bytes of a READ lie in the chunk cache when they are all there (see
+        ``ChunkReader.plan_cached``), else None: then ``read`` must be awaited (it also
+        reports every error)."""
         try:
-            return await layer.reader.read(node, off, size)
+            layer, node = self._resolve(ino)
+        except FuseError:
+            return None
+        if layer is None or node.kind is not NodeKind.REG:
+            return None
+        try:
+            return layer.reader.plan_cached(node, offset, size)
+        except Exception:  # the slow path reports it
+            return None
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        """Bytes of regular file ``ino``; ENOENT for an unknown inode, EISDIR/EINVAL for
+        other kinds, EIO when the data cannot be fetched or verified."""
+        layer, node = self._resolve(ino)
+        if layer is None or node.kind is not NodeKind.REG:
+            raise FuseError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
+        try:
+            return await layer.reader.read(node, offset, size)
         except _READ_FAILURES as exc:
             log.warning(
                 "[layer %s] read of inode %d [%d, +%d) failed: %s: %s",
-                layer.digest, node.ino, off, size, type(exc).__name__, exc,
+                layer.digest, node.ino, offset, size, type(exc).__name__, exc,
             )
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+            raise FuseError(errno.EIO) from exc
         except Exception as exc:
             log.error("[layer %s] read of inode %d failed", layer.digest, node.ino, exc_info=True)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-
-    async def release(self, fh: int) -> None:
-        pass
-
-    # --- everything that would write: EROFS -------------------------------------------------
-
-    async def setattr(
-        self,
-        inode: int,
-        attr: pyfuse3.EntryAttributes,
-        fields: pyfuse3.SetattrFields,
-        fh: int | None,
-        ctx: pyfuse3.RequestContext,
-    ) -> pyfuse3.EntryAttributes:
-        raise _erofs()
-
-    async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        raise _erofs()
-
-    async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        raise _erofs()
-
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise _erofs()
-
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise _erofs()
-
-    async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        raise _erofs()
-
-    async def rename(
-        self,
-        parent_inode_old: int,
-        name_old: bytes,
-        parent_inode_new: int,
-        name_new: bytes,
-        flags: int,
-        ctx: pyfuse3.RequestContext,
-    ) -> None:
-        raise _erofs()
-
-    async def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
-        raise _erofs()
-
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
-        raise _erofs()
-
-    async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
-    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        raise _erofs()
-
-    async def setxattr(
-        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
-    ) -> None:
-        raise _erofs()
-
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        raise _erofs()
+            raise FuseError(errno.EIO) from exc
 
 
 def _layer_id_of(name: bytes) -> int:

@@ -24,6 +24,11 @@ Guarantees:
     compressed bytes. Files that are read together usually sit together in the blob (one
     directory, one package), so one round trip then serves the next few misses; the cost is
     at most ``amplify_bytes`` of transfer per miss. The extra chunks are only cached.
+  * whole files: once a big file (at least ``WHOLE_FILE_MIN_BYTES``, two chunks or more,
+    chunks contiguous) has been read to its end with every chunk cached, its chunks are
+    copied into one cache entry keyed by the file's chunk list (``ChunkCache.assemble``,
+    in a worker thread), and later reads of the file are served from that one file: the
+    kernel then reads it ahead as one stream instead of one chunk file at a time.
 
 Failure modes of ``read``/``fetch_all``: whatever the fetcher raises (``RegistryError`` and
 subclasses), ``DigestMismatch``/``FormatError`` from decoding, ``FormatError`` for an
@@ -39,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
+import functools
 import hashlib
 import logging
 from collections import OrderedDict
@@ -57,6 +63,8 @@ Decoder = Callable[[bytes, Chunk], bytes]
 """``decoder(compressed_range_bytes, chunk) -> verified uncompressed chunk bytes``."""
 
 _SEQ_TRACKED = 1024
+WHOLE_FILE_MIN_BYTES = 8 << 20
+WHOLE_FILE_AHEAD = 32 << 20
 _BATCH_BYTES = 4 << 20
 _INLINE_DECODE_BYTES = 64 << 10
 
@@ -118,6 +126,25 @@ class ReaderCounters:
     amplified_chunks: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class CachedRange:
+    """Bytes of a read that are all in the cache: ``parts`` are (cache key, offset in
+    that entry, length) in order, ``size`` their total."""
+
+    cache: ChunkCache
+    parts: tuple[tuple[str, int, int], ...]
+    size: int
+
+    def fill(self, buf: memoryview) -> bool:
+        """Copy the bytes into ``buf``; False when an entry is gone (thread-safe)."""
+        pos = 0
+        for key, offset, length in self.parts:
+            if not self.cache.read_into(key, offset, buf[pos : pos + length]):
+                return False
+            pos += length
+        return True
+
+
 @dataclass(slots=True)
 class _Seq:
     """Sequential-access state of one file: where the last read ended, how far ahead."""
@@ -167,6 +194,10 @@ class ChunkReader:
         self._inflight: dict[str, asyncio.Future[bytes]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq: OrderedDict[int, _Seq] = OrderedDict()
+        self._key_tasks: dict[str, asyncio.Task[None]] = {}  # chunk key -> its fetch
+        self._whole: dict[int, str | None] = {}  # ino -> stored whole-file key, or None
+        self._assembling: set[int] = set()
+        self._hinted: dict[int, int] = {}  # ino -> how far its whole file was hinted
         self._closed = False
         self.counters = ReaderCounters()
 
@@ -179,6 +210,14 @@ class ChunkReader:
         end = min(node.size, offset + length)
         if node.kind is not NodeKind.REG or offset >= end:
             return b""
+        whole = self._whole_file(node)
+        if whole is not None:
+            data = self._cache.read(whole, offset, end - offset)
+            if data is not None:
+                self.counters.cache_hits += 1
+                self.counters.served_bytes += len(data)
+                return data
+            self._whole[node.ino] = None  # evicted meanwhile: back to the chunks
         first, last = _chunk_span(node.chunks, offset, end)
         # Keys first: they can raise, and nothing may be registered in flight before that.
         wanted = [(c, self._key(c)) for c in node.chunks[first : last + 1]]
@@ -206,9 +245,142 @@ class ChunkReader:
         for pos, fut, lo, hi in waits:
             pieces[pos] = (await asyncio.shield(fut))[lo:hi]
         self._note_access(node, offset, end, last)
+        if end == node.size:
+            self._assemble_later(node)
         out = b"".join(pieces)
         self.counters.served_bytes += len(out)
         return out
+
+    def plan_cached(self, node: Node, offset: int, length: int) -> CachedRange | None:
+        """The fast path of ``read``: where the bytes of ``read(node, offset, length)``
+        lie in the cache, when every chunk is stored and none is being fetched; the read
+        is then accounted as served (counters, read-ahead, whole-file copy). None when a
+        chunk is missing or in flight, or the reader is closed: then ``read`` must be used
+        (it fetches, and raises what is wrong), and nothing has been accounted.
+
+        ``CachedRange.fill`` copies the bytes and is safe in any thread; should a cache
+        entry vanish in between (evicted by another process), it returns False and the
+        caller falls back to ``read`` (the read is then accounted twice).
+        """
+        if self._closed:
+            return None
+        end = min(node.size, offset + length)
+        if node.kind is not NodeKind.REG or offset >= end:
+            return CachedRange(self._cache, (), 0)
+        whole = self._whole_file(node)
+        if whole is not None:
+            self._whole_ahead(node, whole, offset, end)
+            parts: list[tuple[str, int, int]] = [(whole, offset, end - offset)]
+            hits = 1
+        else:
+            first, last = _chunk_span(node.chunks, offset, end)
+            parts = []
+            for chunk in node.chunks[first : last + 1]:
+                try:
+                    key = self._key(chunk)
+                except FormatError:
+                    return None
+                if key in self._inflight or not self._cache.contains(key):
+                    return None
+                lo = max(offset, chunk.file_offset) - chunk.file_offset
+                hi = min(end, chunk.file_offset + chunk.size) - chunk.file_offset
+                parts.append((key, lo, hi - lo))
+            self._note_access(node, offset, end, last)
+            hits = last + 1 - first
+        self.counters.cache_hits += hits
+        self.counters.served_bytes += end - offset
+        if end == node.size:
+            self._assemble_later(node)
+        return CachedRange(self._cache, tuple(parts), end - offset)
+
+    def read_cached_into(self, node: Node, offset: int, length: int,
+                         buf: memoryview) -> int | None:
+        """``plan_cached`` and ``fill`` in one: the number of bytes copied into ``buf``,
+        or None when ``read`` must be used."""
+        plan = self.plan_cached(node, offset, length)
+        if plan is None or not plan.fill(buf):
+            return None
+        return plan.size
+
+    # --- whole files ------------------------------------------------------------------------
+
+    def _whole_file(self, node: Node) -> str | None:
+        """The cache key of ``node``'s assembled file when it is known to be stored (one
+        existence check per big file and reader), else None."""
+        if node.ino in self._whole:
+            return self._whole[node.ino]
+        key = self._whole_key(node)
+        self._whole[node.ino] = key if key is not None and self._cache.contains(key) else None
+        return self._whole[node.ino]
+
+    def whole_file_path(self, node: Node) -> str | None:
+        """The cache file holding all of ``node``'s bytes when it has been assembled
+        (see the module docstring), else None."""
+        if self._closed:
+            return None
+        key = self._whole_file(node)
+        return None if key is None else str(self._cache.path_for(key))
+
+    def _whole_ahead(self, node: Node, key: str, offset: int, end: int) -> None:
+        """For a sequential reader of an assembled file: keep the kernel reading the file
+        ``WHOLE_FILE_AHEAD`` bytes ahead of it (the daemon answers one request at a time,
+        so each read should find its pages there)."""
+        hinted = self._hinted.get(node.ino, -1)
+        if offset == 0 or hinted < 0:
+            hinted = offset
+        if end + WHOLE_FILE_AHEAD // 2 > hinted and hinted < node.size:
+            self._cache.will_need(key, hinted, WHOLE_FILE_AHEAD)
+            hinted += WHOLE_FILE_AHEAD
+        self._hinted[node.ino] = hinted
+        while len(self._hinted) > _SEQ_TRACKED:
+            self._hinted.pop(next(iter(self._hinted)))
+
+    def _whole_key(self, node: Node) -> str | None:
+        """``file:<sha256 of the chunk keys and sizes>`` for a file that may be assembled
+        (big, two chunks or more, chunks contiguous from 0 to its size), else None."""
+        if node.size < WHOLE_FILE_MIN_BYTES or len(node.chunks) < 2:
+            return None
+        h = hashlib.sha256()
+        pos = 0
+        try:
+            for chunk in node.chunks:
+                if chunk.file_offset != pos:
+                    return None
+                h.update(f"{self._key(chunk)} {chunk.size}\n".encode())
+                pos += chunk.size
+        except FormatError:
+            return None
+        return f"file:{h.hexdigest()}" if pos == node.size else None
+
+    def _assemble_later(self, node: Node) -> None:
+        """After a read reached the end of ``node``: assemble it in the background if it
+        is big, not assembled yet and not being assembled."""
+        if (self._closed or self._whole.get(node.ino) is not None
+                or node.ino in self._assembling):
+            return
+        key = self._whole_key(node)
+        if key is None:
+            return
+        self._assembling.add(node.ino)
+        task = asyncio.get_running_loop().create_task(self._assemble(node, key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _assemble(self, node: Node, key: str) -> None:
+        """Wait for the file's chunks still being fetched and stored, then copy them into
+        one cache entry. A chunk missing or failing leaves things as they were."""
+        try:
+            keys = [self._key(c) for c in node.chunks]
+            pending = {self._key_tasks[k] for k in keys if k in self._key_tasks}
+            if pending:
+                await asyncio.wait(pending)
+            parts = [(k, c.size) for k, c in zip(keys, node.chunks, strict=True)]
+            if await asyncio.to_thread(self._cache.assemble, key, parts):
+                self._whole[node.ino] = key
+        except (OSError, FormatError) as exc:
+            self._log.warning("whole-file copy of inode %d not stored: %s", node.ino, exc)
+        finally:
+            self._assembling.discard(node.ino)
 
     async def fetch_all(
         self,
@@ -300,8 +472,17 @@ class ChunkReader:
             task = asyncio.get_running_loop().create_task(self._fetch_group(blob, group))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+            keys = [key for _, key in group]
+            for key in keys:
+                self._key_tasks[key] = task
+            task.add_done_callback(functools.partial(self._fetched, keys=keys))
             tasks.append(task)
         return tasks
+
+    def _fetched(self, task: asyncio.Task[None], *, keys: list[str]) -> None:
+        for key in keys:
+            if self._key_tasks.get(key) is task:
+                del self._key_tasks[key]
 
     async def _fetch_group(self, blob: str, items: list[tuple[Chunk, str]]) -> None:
         """Fetch, decode, verify, cache and publish ``items``; always settles their futures.
@@ -442,7 +623,9 @@ class ChunkReader:
                 key = self._key(chunk)
             except FormatError:
                 break  # the read of that chunk will report it
-            if key in self._inflight or self._cache.contains(key):
+            # A cached chunk is read from disk ahead instead (its file may have left the
+            # page cache): a sequential reader then never waits for the disk either.
+            if key in self._inflight or self._cache.will_need(key):
                 continue
             self._register(key)
             self.counters.readahead_chunks += 1

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any
@@ -42,14 +42,6 @@ REGISTRY_BUCKETS_S = (
 )
 FETCH_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-# The pyfuse3 handlers a daemon times: everything ``LayerOperations`` implements (the
-# write handlers only answer EROFS, but an attempt to write is worth seeing).
-FUSE_OPS = (
-    "lookup", "getattr", "forget", "readlink", "getxattr", "listxattr", "access", "statfs",
-    "opendir", "readdir", "releasedir", "open", "read", "release",
-    "setattr", "mknod", "mkdir", "unlink", "rmdir", "symlink", "rename", "link", "write",
-    "create", "setxattr", "removexattr",
-)
 FETCH_PHASES = ("prefetch", "background")
 FETCH_RESULTS = ("complete", "failed", "skipped")
 REGISTRY_EVENTS = ("redirects", "mirror_fallbacks", "multi_range_fallbacks",
@@ -166,8 +158,9 @@ def _add_histograms(into: dict[str, Histogram], other: Mapping[str, Histogram]) 
 
 @dataclass
 class FuseStats:
-    """Per-operation request counts, failures (a FUSEError answer included) and latency,
-    and the bytes ``read`` answered with."""
+    """Per-operation request counts, failures (an error answer included) and latency,
+    and the bytes ``read`` answered with; the FUSE session (``fs.fusesession``) reports
+    every request here."""
 
     ops: Counter[str] = field(default_factory=Counter)
     errors: Counter[str] = field(default_factory=Counter)
@@ -182,30 +175,6 @@ class FuseStats:
         if hist is None:
             hist = self.latency[op] = Histogram(FUSE_BUCKETS_S)
         hist.observe(seconds)
-
-    def instrument(self, operations: object, names: Iterable[str] = FUSE_OPS) -> None:
-        """Time every handler in ``names`` that ``operations`` has (instance attributes
-        shadow the class's methods; pyfuse3 looks a handler up on every request)."""
-        for name in names:
-            handler = getattr(operations, name, None)
-            if handler is not None:
-                setattr(operations, name, self._timed(name, handler))
-
-    def _timed(self, op: str, handler: Callable[..., Awaitable[Any]]
-               ) -> Callable[..., Awaitable[Any]]:
-        async def timed(*args: Any, **kwargs: Any) -> Any:
-            started = time.perf_counter()
-            failed = True
-            try:
-                result = await handler(*args, **kwargs)
-                failed = False
-            finally:
-                self.observe(op, time.perf_counter() - started, failed)
-            if op == "read" and isinstance(result, bytes):
-                self.served_bytes += len(result)
-            return result
-
-        return timed
 
     def add(self, other: FuseStats) -> None:
         self.ops.update(other.ops)

@@ -261,3 +261,48 @@ def test_threads_reading_through_a_small_table_get_the_right_bytes(tmp_path: Pat
     assert open_fds() <= before + 3
     cache.close()
     assert open_fds() == before
+
+
+def test_read_into_fills_a_buffer_and_reports_misses_and_damage(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    data = bytes(range(200))
+    key = key_of(data)
+    cache.put(key, data)
+    buf = memoryview(bytearray(300))
+    assert cache.read_into(key, 10, buf[:50]) and bytes(buf[:50]) == data[10:60]
+    assert cache.read_into(key, 0, buf[:0])
+    missing = key_of(b"other")
+    assert not cache.read_into(missing, 0, buf[:10])
+    assert not cache.read_into(key, 150, buf[:100])  # past the end: damaged, removed
+    assert cache.get(key) is None and files_in(tmp_path) == []
+    with pytest.raises(ValueError):
+        cache.read_into(key, -1, buf[:1])
+
+
+def test_will_need_tells_whether_a_chunk_is_stored(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    key = key_of(b"abc")
+    assert not cache.will_need(key)
+    cache.put(key, b"abc")
+    assert cache.will_need(key)
+    assert cache.get(key) == b"abc"
+
+
+def test_assemble_joins_stored_chunks_into_one_entry(tmp_path: Path) -> None:
+    cache = ChunkCache(tmp_path, 1 << 20)
+    parts = [b"first-", b"second-", b"third"]
+    for data in parts:
+        cache.put(key_of(data), data)
+    whole = "file:" + "ab" * 32
+    assert cache.assemble(whole, [(key_of(d), len(d)) for d in parts])
+    assert cache.get(whole) == b"".join(parts)
+    assert cache.assemble(whole, [])  # already stored
+    other = "file:" + "cd" * 32
+    missing = [(key_of(parts[0]), 6), (key_of(b"not stored"), 10)]
+    assert not cache.assemble(other, missing)
+    assert not cache.assemble(other, [(key_of(parts[0]), 5)])  # a length that lies
+    assert cache.get(other) is None
+    assert not [p for p in files_in(tmp_path) if p.name.startswith(".tmp-")]
+    small = ChunkCache(tmp_path / "small", 8)
+    small.put(key_of(b"1234"), b"1234")
+    assert not small.assemble(other, [(key_of(b"1234"), 4)] * 3)  # bigger than the cache

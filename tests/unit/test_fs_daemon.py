@@ -19,8 +19,9 @@ from snapshotter.fs.daemon import (
     DEFAULT_READ_AHEAD_KIB,
     DaemonConfig,
     failure_reason,
-    fuse_options,
+    mount_options,
 )
+from snapshotter.fs.fusesession import MountOptions
 
 LAYER = {"layer_id": 1, "ref": "localhost:5000/a:b", "digest": "sha256:" + "a" * 64,
          "skip_verify": True}
@@ -40,9 +41,8 @@ def test_config_defaults_and_keys() -> None:
         "shared",
     )
     assert full.attr_timeout == 6.5 and full.log_level == "DEBUG" and full.layers == ()
-    assert fuse_options(full) == {"fsname=lazysnap", "subtype=lazysnap", "ro",
-                                  "default_permissions"}
-    assert "allow_other" in fuse_options(c)
+    assert mount_options(full) == MountOptions("lazysnap", "lazysnap", allow_other=False)
+    assert mount_options(c).allow_other
     assert c.read_ahead_kib == DEFAULT_READ_AHEAD_KIB == 4096
     raw = {"cache_dir": "/c", "cache_limit_bytes": 10, "read_ahead_kib": 0}
     assert DaemonConfig.from_json(raw, "shared").read_ahead_kib == 0

@@ -16,7 +16,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import pytest
 from yarl import URL
 
 from snapshotter.remote import transport
@@ -32,24 +31,19 @@ import json, os, sys
 before = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "FROZENLIST_NO_EXTENSIONS")}
 from snapshotter.fs.__main__ import import_runtime
 import_runtime()
-import snapshotter.fs.daemon, snapshotter.metrics.counters
-import snapshotter.remote.hosts, snapshotter.remote.registry
-import pyfuse3, pyfuse3.asyncio
+import snapshotter.fs.daemon, snapshotter.fs.fusesession, snapshotter.fs.ops
+import snapshotter.metrics.counters, snapshotter.remote.hosts, snapshotter.remote.registry
 after = {k: os.environ.get(k) for k in before}
-print(json.dumps({
-    "modules": sorted(sys.modules),
-    "env_restored": before == after,
-    "asyncio_mode": pyfuse3.trio is pyfuse3.asyncio,
-    "trio_placeholder_left": "trio" in sys.modules,
-}))
+print(json.dumps({"modules": sorted(sys.modules), "env_restored": before == after}))
 """
 
 # Never needed by a daemon before it serves: the gRPC/protobuf edge and Prometheus live in
-# ``lazysnap serve``; the nydus codecs are imported when a nydus chunk is decoded; trio is
-# pyfuse3's default loop, replaced by asyncio; hypothesis is a test dependency.
+# ``lazysnap serve``; the nydus codecs are imported when a nydus chunk is decoded; the
+# daemon speaks the FUSE protocol itself (``fs.fusesession``), so no FUSE binding (pyfuse3)
+# nor its trio loop; hypothesis is a test dependency.
 _NOT_IMPORTED = (
     "grpc", "google.protobuf", "prometheus_client", "hypothesis", "sqlite3", "tomllib",
-    "zstandard", "lz4", "blake3", "trio",
+    "zstandard", "lz4", "blake3", "pyfuse3", "trio",
 )
 
 
@@ -65,30 +59,42 @@ def _probe(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 def test_daemon_import_graph_leaves_out_what_serving_does_not_need() -> None:
     got = _probe()
     modules = set(got["modules"])
+    assert "snapshotter.fs.fusesession" in modules
     assert not modules & set(_NOT_IMPORTED)
-    assert not any(m.startswith(("grpc.", "prometheus_client.", "trio.")) for m in modules)
+    assert not any(m.startswith(("grpc.", "prometheus_client.", "trio.", "pyfuse3."))
+                   for m in modules)
     # pure-Python frozenlist: its compiled extension would load libstdc++
     assert "frozenlist" in modules and "frozenlist._frozenlist" not in modules
-    assert got["asyncio_mode"] and not got["trio_placeholder_left"]
     assert got["env_restored"]
+
+
+def test_the_daemon_needs_no_fuse_binding_at_all() -> None:
+    """Starting the real entry point with a bad configuration gets as far as reading it
+    (every import done) without pyfuse3 or trio, even where they are installed: a
+    meta-path finder makes importing either fail in that process."""
+    code = (
+        "import sys\n"
+        "class NoBinding:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pyfuse3', 'trio'):\n"
+        "            raise ImportError('the daemon must not import ' + name)\n"
+        "sys.meta_path.insert(0, NoBinding())\n"
+        "from snapshotter.fs.__main__ import main\n"
+        "import snapshotter.fs.daemon, snapshotter.fs.fusesession\n"
+        "sys.exit(main(['--mode', 'shared', '--mountpoint', '/nonexistent', '--control',\n"
+        "               '/nonexistent/c.sock', '--config', '/nonexistent/c.json']))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=60)
+    assert out.returncode == 2, out.stderr  # a configuration error, not an ImportError
+    assert "cannot read daemon config" in out.stderr
+    assert "ImportError" not in out.stderr
 
 
 def test_import_runtime_restores_a_set_environment() -> None:
     got = _probe({"SSL_CERT_FILE": "/etc/ssl/certs/ca-certificates.crt",
                   "FROZENLIST_NO_EXTENSIONS": ""})
     assert got["env_restored"]
-
-
-def test_real_trio_is_importable_after_the_placeholder() -> None:
-    pytest.importorskip("trio")
-    code = (
-        "from snapshotter.fs.__main__ import import_runtime; import_runtime()\n"
-        "import trio; print(hasattr(trio, 'run'))"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True,
-                         capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert out.stdout.strip() == "True"
 
 
 def test_tls_context_verifies_and_is_built_once() -> None:

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.cache.chunkcache import ChunkCache
+from snapshotter.cache.chunkcache import ChunkCache, chunk_key
 from snapshotter.errdefs import DigestMismatch, FormatError, RegistryUnavailable, Unavailable
 from snapshotter.formats.index import ROOT_INO, Chunk, Node, NodeKind
-from snapshotter.fs.reader import ChunkReader
+from snapshotter.fs.reader import WHOLE_FILE_MIN_BYTES, ChunkReader
 from tests.unit.test_fs_fakes import FakeFetcher, LayerBuilder, sha256
 
 DATA = bytes(range(256)) * 4 + b"tail"  # 1028 bytes
@@ -261,3 +261,101 @@ async def test_amplification_skips_cached_chunks_and_is_off_by_default(tmp_path:
     assert wide.counters.amplified_chunks == 1  # c only: b is cached already
     assert fetcher.calls[-1] == [(files[0].chunks[0].blob_offset, files[0].chunks[0].blob_end),
                                  (files[2].chunks[0].blob_offset, files[2].chunks[0].blob_end)]
+
+
+async def test_cached_ranges_are_copied_into_a_buffer_without_fetching(tmp_path: Path) -> None:
+    reader, fetcher, node, _ = make(tmp_path)
+    buf = memoryview(bytearray(2048))
+    assert reader.read_cached_into(node, 150, 250, buf) is None  # nothing cached yet
+    assert reader.counters.cache_hits == reader.counters.cache_misses == 0
+    assert fetcher.calls == []
+    assert await reader.read(node, 0, 2000) == DATA
+    await reader.wait_idle()
+    served = reader.counters.served_bytes
+    assert reader.read_cached_into(node, 150, 250, buf) == 250
+    assert bytes(buf[:250]) == DATA[150:400]
+    assert reader.read_cached_into(node, 1000, 500, buf) == 28  # short at the end
+    assert bytes(buf[:28]) == DATA[1000:]
+    assert reader.read_cached_into(node, 1028, 10, buf) == 0
+    assert reader.counters.served_bytes == served + 278
+    await reader.aclose()
+    assert reader.read_cached_into(node, 0, 10, buf) is None
+
+
+async def test_a_chunk_in_flight_is_left_to_the_slow_path(tmp_path: Path) -> None:
+    reader, fetcher, node, _ = make(tmp_path)
+    await reader.read(node, 0, 100)
+    await reader.wait_idle()
+    fetcher.gate = asyncio.Event()
+    pending = asyncio.ensure_future(reader.read(node, 100, 100))
+    await fetcher.started.wait()
+    buf = memoryview(bytearray(256))
+    assert reader.read_cached_into(node, 50, 100, buf) is None  # chunk 1 is being fetched
+    assert reader.read_cached_into(node, 0, 100, buf) == 100
+    fetcher.gate.set()
+    assert await pending == DATA[100:200]
+
+
+class HintedCache(ChunkCache):
+    """Records which chunks a reader asks to have read from disk ahead."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(root, 1 << 30)
+        self.hinted: list[str] = []
+
+    def will_need(self, key: str) -> bool:
+        found = super().will_need(key)
+        if found:
+            self.hinted.append(key)
+        return found
+
+
+async def test_sequential_reads_of_cached_chunks_ask_for_the_next_files_early(
+        tmp_path: Path) -> None:
+    b = LayerBuilder()
+    node = b.file(ROOT_INO, "f", DATA, chunk_size=100)
+    _, blob = b.build()
+    fetcher = FakeFetcher(blob)
+    cache = HintedCache(tmp_path / "cache")
+    warm = ChunkReader({"": fetcher}, cache)
+    assert await warm.read(node, 0, 2000) == DATA
+    await warm.wait_idle()
+    reader = ChunkReader({"": fetcher}, cache, readahead_chunks=3)
+    buf = memoryview(bytearray(256))
+    assert reader.read_cached_into(node, 0, 100, buf) == 100
+    assert cache.hinted == []  # one read is not a sequence yet
+    assert reader.read_cached_into(node, 100, 100, buf) == 100
+    keys = [chunk_key(c, fetcher.digest) for c in node.chunks]
+    assert cache.hinted == keys[2:5]
+    assert reader.counters.readahead_chunks == 0 and len(fetcher.calls) == 1
+
+
+async def test_a_big_file_read_to_its_end_is_stored_whole_and_served_from_there(
+        tmp_path: Path) -> None:
+    data = bytes(range(256)) * (WHOLE_FILE_MIN_BYTES // 256) + b"end"
+    reader, fetcher, node, cache = make(tmp_path, data, chunk_size=3 << 20)
+    assert len(node.chunks) == 3
+    assert reader.whole_file_path(node) is None
+    assert await reader.read(node, 0, len(data)) == data
+    await reader.wait_idle()
+    path = reader.whole_file_path(node)
+    assert path is not None and Path(path).read_bytes() == data
+    plan = reader.plan_cached(node, 5 << 20, 1 << 20)
+    assert plan is not None and len(plan.parts) == 1 and plan.parts[0][0].startswith("file:")
+    buf = memoryview(bytearray(1 << 20))
+    assert plan.fill(buf) and bytes(buf) == data[5 << 20 : 6 << 20]
+    assert await reader.read(node, len(data) - 10, 100) == data[-10:]
+    fresh = ChunkReader({"": fetcher}, cache)  # another reader finds the stored copy
+    assert fresh.whole_file_path(node) == path
+    Path(path).unlink()  # evicted (by another process): reads go back to the chunks
+    cache.close()  # (an open descriptor would still serve the same bytes)
+    assert await fresh.read(node, 100, 50) == data[100:150]
+    assert fresh.whole_file_path(node) is None
+    assert len(fetcher.calls) == 1
+
+
+async def test_small_files_are_never_stored_whole(tmp_path: Path) -> None:
+    reader, _, node, _ = make(tmp_path)
+    assert await reader.read(node, 0, 2000) == DATA
+    await reader.wait_idle()
+    assert reader.whole_file_path(node) is None

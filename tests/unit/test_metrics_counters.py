@@ -10,6 +10,7 @@ from aiohttp import web
 
 from snapshotter.metrics.counters import (
     FETCH_BUCKETS_S,
+    FUSE_BUCKETS_S,
     DaemonCounters,
     FetchTotals,
     FuseStats,
@@ -54,35 +55,25 @@ def test_histogram_from_json_refuses_malformed(raw: Any) -> None:
         Histogram.from_json(raw)
 
 
-class FakeOps:
-    """Stands in for LayerOperations: async handlers pyfuse3 would call."""
-
-    async def read(self, fh: int, off: int, size: int) -> bytes:
-        return b"x" * size
-
-    async def lookup(self, parent: int, name: bytes, ctx: object) -> str:
-        if name == b"missing":
-            raise FileNotFoundError(name)
-        return "attrs"
-
-    def not_a_handler(self) -> int:
-        return 1
-
-
-async def test_instrumented_handlers_are_counted_timed_and_keep_their_results() -> None:
-    ops, stats = FakeOps(), FuseStats()
-    stats.instrument(ops, ["read", "lookup", "write"])  # FakeOps has no write: skipped
-    assert await ops.read(1, 0, 10) == b"x" * 10
-    assert await ops.read(1, 10, 5) == b"x" * 5
-    assert await ops.lookup(1, b"a", None) == "attrs"
-    with pytest.raises(FileNotFoundError):
-        await ops.lookup(1, b"missing", None)
-    assert stats.ops == {"read": 2, "lookup": 2}
-    assert stats.errors == {"lookup": 1}
-    assert stats.served_bytes == 15
-    assert stats.latency["read"].count == 2 and stats.latency["lookup"].count == 2
-    assert not hasattr(ops, "write")
-    assert ops.not_a_handler() == 1
+def test_observed_requests_are_counted_timed_and_failures_kept_apart() -> None:
+    """What the FUSE session reports per request (``fs.fusesession``: one ``observe`` per
+    answered request, the bytes of each READ answer added to ``served_bytes``)."""
+    stats = FuseStats()
+    stats.observe("read", 0.0002, failed=False)
+    stats.observe("read", 0.03, failed=False)
+    stats.observe("lookup", 0.00005, failed=False)
+    stats.observe("lookup", 0.00005, failed=True)
+    stats.observe("mkdir", 0.0, failed=True)  # a write attempt: answered EROFS
+    stats.served_bytes += 4096
+    assert stats.ops == {"read": 2, "lookup": 2, "mkdir": 1}
+    assert stats.errors == {"lookup": 1, "mkdir": 1}
+    assert stats.served_bytes == 4096
+    read = stats.latency["read"]
+    assert read.count == 2 and read.sum == pytest.approx(0.0302)
+    assert read.bounds == FUSE_BUCKETS_S
+    assert dict(read.cumulative())[0.00025] == 1 and dict(read.cumulative())[0.05] == 2
+    assert stats.latency["lookup"].counts[0] == 2  # both within the first bucket
+    assert set(stats.latency) == {"read", "lookup", "mkdir"}
 
 
 def test_fuse_stats_json_round_trip_and_add() -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
 
 from prometheus_client import CollectorRegistry
 
@@ -37,7 +36,6 @@ class OneDaemon:
 async def test_prefetch_and_fuse_counters_reach_the_scrape(tmp_path: Path) -> None:
     source, counters = Source(), DaemonCounters()
     ops = LayerOperations(shared=False)
-    counters.fuse.instrument(ops)
     manager = LayerManager(
         mode="dedicated", mountpoint=str(tmp_path / "mnt"), ops=ops,
         cache=ChunkCache(tmp_path / "cache", 1 << 24), source=source,
@@ -50,7 +48,10 @@ async def test_prefetch_and_fuse_counters_reach_the_scrape(tmp_path: Path) -> No
         client = ControlClient(path)
         await client.add_layer(spec(7))
         await client.wait_ready(7, timeout=30)
-        await ops.statfs(cast(Any, None))  # an instrumented handler, as pyfuse3 calls it
+        # what the FUSE session reports for a STATFS and a 4 KiB READ it answered
+        counters.fuse.observe("statfs", 0.0001, failed=False)
+        counters.fuse.observe("read", 0.002, failed=False)
+        counters.fuse.served_bytes += 4096
         table = OneDaemon([DaemonRecord(id="layer-7", mode="dedicated", control=path,
                                         mountpoint="/m", state=DaemonState.RUNNING,
                                         pid=os.getpid())])
@@ -70,6 +71,9 @@ async def test_prefetch_and_fuse_counters_reach_the_scrape(tmp_path: Path) -> No
     assert (value("lazysnap_fetch_bytes_total", phase="prefetch") or 0) > 0
     assert value("lazysnap_fetch_duration_seconds_count", phase="prefetch") == 1
     assert value("lazysnap_fuse_requests_total", op="statfs") == 1
+    assert value("lazysnap_fuse_request_errors_total", op="read") == 0
+    assert value("lazysnap_fuse_request_duration_seconds_count", op="read") == 1
+    assert value("lazysnap_fuse_served_bytes_total") == 4096
     assert (value("lazysnap_cache_stored_bytes_total") or 0) > 0
     labels = {"snapshot_id": "7", "digest": spec(7).digest}
     assert value("lazysnap_layer_ready", **labels) == 1
