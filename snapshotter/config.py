@@ -60,6 +60,10 @@ class RemoteConfig:
     # A missing chunk is fetched together with the uncached chunks that follow it in the
     # layer blob, up to this many more compressed bytes in the same request; 0 disables.
     amplify_bytes: int = 128 << 10
+    # A file of at least this many bytes (and two chunks or more) read to its end is kept
+    # whole in the cache, and later opens read that copy directly (FUSE passthrough where
+    # the kernel offers it); 0 disables.
+    whole_file_bytes: int = 8 << 20
     # Seconds the kernel may cache entries and attributes of a remote layer.
     entry_timeout: float = 3600.0
     attr_timeout: float = 3600.0
@@ -181,6 +185,7 @@ class Config:
             "activity_file": self.activity_file,
             "readahead_chunks": remote.readahead_chunks,
             "amplify_bytes": remote.amplify_bytes,
+            "whole_file_bytes": remote.whole_file_bytes,
         }
 
     def with_overrides(self, **flags: str | None) -> Config:
@@ -299,6 +304,7 @@ def _check(config: Config) -> None:
         ("remote.background_rate", config.remote.background_rate),
         ("remote.background_silence", config.remote.background_silence),
         ("remote.amplify_bytes", config.remote.amplify_bytes),
+        ("remote.whole_file_bytes", config.remote.whole_file_bytes),
         ("remote.toc_lookahead_layers", config.remote.toc_lookahead_layers),
         ("remote.read_ahead_kib", config.remote.read_ahead_kib),
         ("daemon.restart_limit", config.daemon.restart_limit),

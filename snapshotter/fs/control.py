@@ -72,7 +72,8 @@ class LayerSpec:
     verifying the file against ``toc_digest``, and fetches footer and TOC itself when the
     file is missing or does not verify. ``amplify_bytes``: how far past a miss the same
     request reads uncached chunks of the blob (0 = only what was asked; see
-    ``snapshotter.fs.reader``).
+    ``snapshotter.fs.reader``). ``whole_file_bytes``: the smallest file kept whole in
+    the cache once read to its end (0 = none; see ``snapshotter.fs.reader``).
     """
 
     layer_id: int
@@ -92,6 +93,7 @@ class LayerSpec:
     blob_size: int | None = None
     toc_offset: int | None = None
     amplify_bytes: int = 0
+    whole_file_bytes: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -125,6 +127,7 @@ class LayerSpec:
             blob_size=get(raw, "blob_size", int, None, allow_none=True),
             toc_offset=get(raw, "toc_offset", int, None, allow_none=True),
             amplify_bytes=get(raw, "amplify_bytes", int, 0),
+            whole_file_bytes=get(raw, "whole_file_bytes", int, 0),
         )
         spec.check()
         return spec
@@ -138,7 +141,8 @@ class LayerSpec:
         if self.format not in FORMATS:
             raise InvalidArgument(f"unsupported layer format {self.format!r}")
         if (self.background_rate_bytes_per_s < 0 or self.readahead_chunks < 0
-                or self.background_silence_s < 0 or self.amplify_bytes < 0):
+                or self.background_silence_s < 0 or self.amplify_bytes < 0
+                or self.whole_file_bytes < 0):
             raise InvalidArgument("rates, read-ahead and silence must not be negative")
         if self.activity_file is not None and not os.path.isabs(self.activity_file):
             raise InvalidArgument("the activity file path must be absolute")

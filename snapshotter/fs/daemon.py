@@ -419,6 +419,7 @@ class LayerManager:
             activity=self.activity(spec.activity_file),
             layout=(c for node in index.nodes.values() for c in node.chunks),
             amplify_bytes=spec.amplify_bytes,
+            whole_file_bytes=spec.whole_file_bytes,
         )
         layer.index, layer.reader = index, reader
         self._ops.add_layer(MountedLayer(spec.layer_id, spec.digest, index, reader))

@@ -110,6 +110,7 @@ class RequestStats(Protocol):
     """Where a session reports each request (``metrics.counters.FuseStats``)."""
 
     served_bytes: int
+    passthrough_opens: int
 
     def observe(self, op: str, seconds: float, failed: bool) -> None: ...
 
@@ -483,6 +484,9 @@ class FuseSession:
                 mode = _PASSTHROUGH
         self._opens[nodeid] = (mode, count + 1)
         if mode == _PASSTHROUGH:
+            if self._stats is not None:
+                with self._stats_lock:
+                    self._stats.passthrough_opens += 1
             return w.open_out(w.FOPEN_PASSTHROUGH, self._backing[nodeid], fh=mode)
         return w.open_out(w.FOPEN_KEEP_CACHE, fh=mode)
 

@@ -24,7 +24,7 @@ Guarantees:
     compressed bytes. Files that are read together usually sit together in the blob (one
     directory, one package), so one round trip then serves the next few misses; the cost is
     at most ``amplify_bytes`` of transfer per miss. The extra chunks are only cached.
-  * whole files: once a big file (at least ``WHOLE_FILE_MIN_BYTES``, two chunks or more,
+  * whole files: once a big file (at least ``whole_file_bytes``, two chunks or more,
     chunks contiguous) has been read to its end with every chunk cached, its chunks are
     copied into one cache entry keyed by the file's chunk list (``ChunkCache.assemble``,
     in a worker thread), and later reads of the file are served from that one file: the
@@ -174,6 +174,7 @@ class ChunkReader:
         activity: Activity | None = None,
         layout: Iterable[Chunk] = (),
         amplify_bytes: int = 0,
+        whole_file_bytes: int = WHOLE_FILE_MIN_BYTES,
     ) -> None:
         self._fetchers = dict(fetchers)
         self._amplify = max(0, amplify_bytes)
@@ -197,6 +198,7 @@ class ChunkReader:
         self._key_tasks: dict[str, asyncio.Task[None]] = {}  # chunk key -> its fetch
         self._whole: dict[int, str | None] = {}  # ino -> stored whole-file key, or None
         self._assembling: set[int] = set()
+        self._whole_min = whole_file_bytes  # 0: never
         self._hinted: dict[int, int] = {}  # ino -> how far its whole file was hinted
         self._closed = False
         self.counters = ReaderCounters()
@@ -338,7 +340,7 @@ class ChunkReader:
     def _whole_key(self, node: Node) -> str | None:
         """``file:<sha256 of the chunk keys and sizes>`` for a file that may be assembled
         (big, two chunks or more, chunks contiguous from 0 to its size), else None."""
-        if node.size < WHOLE_FILE_MIN_BYTES or len(node.chunks) < 2:
+        if not self._whole_min or node.size < self._whole_min or len(node.chunks) < 2:
             return None
         h = hashlib.sha256()
         pos = 0

@@ -166,6 +166,7 @@ class FuseStats:
     errors: Counter[str] = field(default_factory=Counter)
     latency: dict[str, Histogram] = field(default_factory=dict)
     served_bytes: int = 0
+    passthrough_opens: int = 0
 
     def observe(self, op: str, seconds: float, failed: bool) -> None:
         self.ops[op] += 1
@@ -181,11 +182,13 @@ class FuseStats:
         self.errors.update(other.errors)
         _add_histograms(self.latency, other.latency)
         self.served_bytes += other.served_bytes
+        self.passthrough_opens += other.passthrough_opens
 
     def to_json(self) -> dict[str, Any]:
         return {"ops": dict(self.ops), "errors": dict(self.errors),
                 "latency": {k: v.to_json() for k, v in self.latency.items()},
-                "served_bytes": self.served_bytes}
+                "served_bytes": self.served_bytes,
+                "passthrough_opens": self.passthrough_opens}
 
     @classmethod
     def from_json(cls, raw: object) -> FuseStats:
@@ -193,7 +196,9 @@ class FuseStats:
         return cls(ops=_counter(obj.get("ops", {}), "fuse.ops"),
                    errors=_counter(obj.get("errors", {}), "fuse.errors"),
                    latency=_histograms(obj.get("latency", {}), "fuse.latency"),
-                   served_bytes=_count(obj.get("served_bytes", 0), "fuse.served_bytes"))
+                   served_bytes=_count(obj.get("served_bytes", 0), "fuse.served_bytes"),
+                   passthrough_opens=_count(obj.get("passthrough_opens", 0),
+                                            "fuse.passthrough_opens"))
 
 
 @dataclass

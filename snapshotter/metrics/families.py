@@ -33,6 +33,7 @@ Families (type, labels):
   lazysnap_fuse_request_errors_total           counter   op
   lazysnap_fuse_request_duration_seconds       histogram op
   lazysnap_fuse_served_bytes_total             counter
+  lazysnap_fuse_passthrough_opens_total        counter
   lazysnap_registry_requests_total             counter   source, kind, status
   lazysnap_registry_received_bytes_total       counter   source
   lazysnap_registry_request_duration_seconds   histogram source
@@ -228,6 +229,10 @@ def _fuse_families(fuse: c.FuseStats) -> Iterator[Metric]:
     yield latency
     yield CounterMetricFamily("lazysnap_fuse_served_bytes_total",
                               "Bytes returned to FUSE read requests.", fuse.served_bytes)
+    yield CounterMetricFamily(
+        "lazysnap_fuse_passthrough_opens_total",
+        "Opens answered with FUSE passthrough (the kernel reads the cached file itself).",
+        fuse.passthrough_opens)
 
 
 def _registry_families(r: Readings) -> Iterator[Metric]:
