@@ -407,3 +407,53 @@ async def test_close_ends_requests_still_waiting_for_data(tmp_path: Path) -> Non
         assert await reading in (errno.EIO, errno.ENOTCONN, errno.ECONNABORTED)
         assert mounts_at(s.mnt) == []
         fetcher.gate.set()
+
+
+def _read_all(path: Path) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        return f.read()
+
+
+def _read_mapped(path: Path) -> bytes:
+    import mmap
+
+    with open(path, "rb", buffering=0) as f, mmap.mmap(f.fileno(), 0,
+                                                        prot=mmap.PROT_READ) as m:
+        return bytes(m)
+
+
+async def test_passthrough_serves_a_whole_file_and_never_mixes_modes(tmp_path: Path) -> None:
+    b = LayerBuilder()
+    node = b.file(ROOT_INO, "big.bin", BIG, chunk_size=1 << 18)
+    index, blob = b.build()
+    fetcher = FakeFetcher(blob)
+    reader = ChunkReader({"": fetcher}, ChunkCache(tmp_path / "cache", 1 << 26),
+                         whole_file_bytes=1 << 20)
+    layer = MountedLayer(1, fetcher.digest, index, reader)
+    async with serving(tmp_path, shared=False, layers=[layer]) as s:
+        path = s.mnt / "big.bin"
+        held = await off_loop(os.open, path, os.O_RDONLY)  # a page-cache handle, kept
+        try:
+            if not s.session.flags & w.PASSTHROUGH:  # known once INIT is answered
+                pytest.fail("the kernel did not agree on FUSE passthrough (needs 6.9+)")
+            assert await off_loop(_read_all, path) == BIG  # read to its end: stored whole
+            for _ in range(200):
+                if reader.whole_file_path(node) is not None:
+                    break
+                await asyncio.sleep(0.05)
+            assert reader.whole_file_path(node) is not None
+            # Another open while a page-cache handle is open must keep that mode (the
+            # kernel answers a mixed open with EIO).
+            assert await off_loop(_read_all, path) == BIG
+            assert s.stats.passthrough_opens == 0
+        finally:
+            await off_loop(os.close, held)
+        for _ in range(200):  # the kernel sends RELEASE after close, asynchronously
+            if s.count("release") >= 3:
+                break
+            await asyncio.sleep(0.05)
+        reads = s.count("read")
+        assert await off_loop(_read_all, path) == BIG
+        assert await off_loop(_read_mapped, path) == BIG
+        assert s.stats.passthrough_opens == 2
+        assert s.count("read") == reads  # the kernel read the cache file itself
