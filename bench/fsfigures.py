@@ -4,8 +4,8 @@ random 4 KiB reads (4) and a metadata walk (5).
 
 One session per repetition and variant: cold, pull, mount the view, then in this order
 (each step only if selected): sequential read cold (straight after the pull: for a lazy
-variant every byte comes over the link), drop the page cache, sequential read warm (the
-chunk cache is now hot), drop, random reads, drop, walk (first pass), walk again (second
+variant every byte comes over the link), wait until lazysnap's cache stops changing
+(``settle``), drop the page cache, sequential read warm (the chunk cache is now hot), drop, random reads, drop, walk (first pass), walk again (second
 pass, kernel caches warm).
 """
 
@@ -117,6 +117,27 @@ def view_mount(run: Run, v: Variant, img: CachedImage, target: Path) -> Iterator
                            timeout=60)
 
 
+def settle(cache: Path, quiet_s: float = 1.0, limit_s: float = 60.0) -> float:
+    """Wait until the bytes under ``cache`` have not changed for ``quiet_s`` (at most
+    ``limit_s``); return the seconds waited. A lazy snapshotter may still be storing
+    what the cold read fetched (chunks, a whole-file copy) when the read returns; those
+    writes would land in the page cache after it was dropped and make "warm" a memory
+    read."""
+    def size() -> int:
+        return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file())
+
+    started = time.monotonic()
+    last, since = size(), time.monotonic()
+    while time.monotonic() - started < limit_s:
+        time.sleep(0.2)
+        now = size()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return time.monotonic() - started
+
+
 def fs_figures(run: Run, image: str, selected: set[str]) -> None:
     """Figures (3)-(5) on ``image`` for every variant; see the module docstring."""
     definition = IMAGES[image]
@@ -141,6 +162,9 @@ def _session(run: Run, image: str, v: Variant, rep: int, big: Path, root: Path,
             if v.lazy and run.link is not None and run.link.rate_bits:
                 values["link_share"] = nbytes * 8 / secs / run.link.rate_bits
             run.add("seqread", image, "cold", v.name, rep, values)
+            lz = run.env.lazysnaps.get(v.name)
+            if lz is not None:
+                settle(lz.root / "cache")
             drop_caches()
             nbytes, secs = read_sequential(big)
             run.add("seqread", image, "warm", v.name, rep,

@@ -34,12 +34,14 @@ request still waiting for this (single) thread holds.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import errno
 import fcntl
 import logging
 import os
 import stat
+import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -172,7 +174,7 @@ class FuseSession:
         # Passthrough: the kernel reads an assembled file's bytes from the cache file
         # itself. Per inode, all opens must use one mode at a time (the kernel answers
         # a mixed open with EIO), so the session counts each inode's open handles.
-        self._backing: dict[int, int] = {}  # ino -> backing id
+        self._backing: dict[int, int] = {}  # ino -> backing id, while it has open handles
         self._opens: dict[int, tuple[int, int]] = {}  # ino -> (mode fh, open handles)
 
     # --- mount and unmount ----------------------------------------------------------------
@@ -379,7 +381,9 @@ class FuseSession:
             if threading.current_thread() is threading.main_thread():
                 self._start_read(unique, ino, offset, size)
             elif self._loop is not None:
-                self._loop.call_soon_threadsafe(self._start_read, unique, ino, offset, size)
+                with contextlib.suppress(RuntimeError):  # the loop is gone: so is the mount
+                    self._loop.call_soon_threadsafe(self._start_read, unique, ino, offset,
+                                                    size)
             return
         self._reply(unique, 0, buf[: plan.size])
         self._observe(w.READ, started, False)
@@ -491,16 +495,24 @@ class FuseSession:
         return w.open_out(w.FOPEN_KEEP_CACHE, fh=mode)
 
     def _release(self, nodeid: int, body: memoryview) -> bytes:
+        """One handle fewer; the last passthrough handle of an inode also gives its
+        backing file back (it would otherwise keep an evicted cache file's disk space).
+        Safe: a new OPEN can only use the id after this loop answered it, and its
+        RELEASE comes after the kernel took its own reference."""
         mode, count = self._opens.get(nodeid, (0, 0))
-        if count <= 1:
-            self._opens.pop(nodeid, None)
-        else:
+        if count > 1:
             self._opens[nodeid] = (mode, count - 1)
+            return b""
+        self._opens.pop(nodeid, None)
+        backing = self._backing.pop(nodeid, None)
+        if backing is not None:
+            with contextlib.suppress(OSError):
+                fcntl.ioctl(self._fd, w.DEV_IOC_BACKING_CLOSE, struct.pack("=I", backing))
         return b""
 
     def _backing_id(self, ino: int) -> int | None:
-        """The kernel's id of the backing file of ``ino`` (registered on first use and
-        kept until the session closes), or None when it has none. A refused
+        """The kernel's id of the backing file of ``ino`` (registered on first use, given
+        back with the inode's last handle), or None when it has none. A refused
         registration turns passthrough off for the session."""
         found = self._backing.get(ino)
         if found is not None:
