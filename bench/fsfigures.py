@@ -5,8 +5,9 @@ random 4 KiB reads (4) and a metadata walk (5).
 One session per repetition and variant: cold, pull, mount the view, then in this order
 (each step only if selected): sequential read cold (straight after the pull: for a lazy
 variant every byte comes over the link), wait until lazysnap's cache stops changing
-(``settle``), drop the page cache, sequential read warm (the chunk cache is now hot), drop, random reads, drop, walk (first pass), walk again (second
-pass, kernel caches warm).
+(``settle``), drop the page cache, sequential read warm (the chunk cache is now hot),
+drop, random reads, drop, walk (first pass), walk again (second pass, kernel caches
+warm).
 """
 
 from __future__ import annotations

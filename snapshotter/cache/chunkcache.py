@@ -40,10 +40,11 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
+from typing import BinaryIO
 
 from snapshotter.errdefs import FormatError
 from snapshotter.formats.index import Chunk
@@ -329,32 +330,11 @@ class ChunkCache:
         Returns True when the chunk is stored (or was already), False when it is larger
         than the whole cache. Raises OSError when writing fails; no partial file remains.
         """
-        path = self.path_for(key)
-        if len(data) > self._limit:
-            return False
-        if path.is_file():
+        def write(f: BinaryIO) -> bool:
+            f.write(data)
             return True
-        with self._lock:
-            self._known_size_locked()  # before the new file exists, which it then adds
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{path.name}"
-        try:
-            with open(tmp, "wb") as f:
-                f.write(data)
-                if self._fsync:
-                    f.flush()
-                    os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        with self._lock:
-            self._stored += len(data)
-            self._size = self._known_size_locked() + len(data)
-            if self._size > self._limit:
-                self._evict_locked()
-        return True
+
+        return self._store(key, len(data), write)
 
     def assemble(self, key: str, parts: Sequence[tuple[str, int]]) -> bool:
         """Store under ``key`` one file made of the stored chunks ``parts`` ((chunk key,
@@ -368,32 +348,42 @@ class ChunkCache:
         the whole is larger than the cache. Raises OSError when writing fails; no partial
         file remains.
         """
+        def write(f: BinaryIO) -> bool:
+            f.flush()
+            return all(_copy_whole(self._path(part), f.fileno(), length)
+                       for part, length in parts)
+
+        return self._store(key, sum(length for _, length in parts), write)
+
+    def _store(self, key: str, size: int, write: Callable[[BinaryIO], bool]) -> bool:
+        """Write ``size`` bytes under ``key`` through ``write`` (False: give up, nothing
+        stored) into a temporary file renamed into place; count them and evict if the
+        cache is over its limit. See ``put`` for the contract."""
         path = self.path_for(key)
-        total = sum(length for _, length in parts)
-        if total > self._limit:
+        if size > self._limit:
             return False
         if path.is_file():
             return True
         with self._lock:
-            self._known_size_locked()
+            self._known_size_locked()  # before the new file exists, which it then adds
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f"{_TMP_PREFIX}{os.getpid()}-{threading.get_ident()}-{path.name}"
         try:
-            with open(tmp, "wb") as out:
-                for part, length in parts:
-                    if not _copy_whole(self._path(part), out.fileno(), length):
-                        os.unlink(tmp)
-                        return False
+            with open(tmp, "wb") as f:
+                if not write(f):
+                    os.unlink(tmp)
+                    return False
                 if self._fsync:
-                    os.fsync(out.fileno())
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
         with self._lock:
-            self._stored += total
-            self._size = self._known_size_locked() + total
+            self._stored += size
+            self._size = self._known_size_locked() + size
             if self._size > self._limit:
                 self._evict_locked()
         return True

@@ -406,29 +406,31 @@ class LayerOperations:
 
     # --- files ------------------------------------------------------------------------------
 
-    def passthrough_file(self, ino: int) -> str | None:
-        """A local file with all the bytes of regular file ``ino`` (its assembled copy
-        in the chunk cache), which the kernel may read directly; else None."""
+    def _regular(self, ino: int) -> tuple[MountedLayer, Node] | None:
+        """The layer and node of regular file ``ino``, or None (unknown or not a file)."""
         try:
             layer, node = self._resolve(ino)
         except FuseError:
             return None
         if layer is None or node.kind is not NodeKind.REG:
             return None
-        return layer.reader.whole_file_path(node)
+        return layer, node
+
+    def passthrough_file(self, ino: int) -> str | None:
+        """A local file with all the bytes of regular file ``ino`` (its assembled copy
+        in the chunk cache), which the kernel may read directly; else None."""
+        found = self._regular(ino)
+        return None if found is None else found[0].reader.whole_file_path(found[1])
 
     def read_plan(self, ino: int, offset: int, size: int) -> CachedRange | None:
         """Where the bytes of a READ lie in the chunk cache when they are all there (see
         ``ChunkReader.plan_cached``), else None: then ``read`` must be awaited (it also
         reports every error)."""
-        try:
-            layer, node = self._resolve(ino)
-        except FuseError:
-            return None
-        if layer is None or node.kind is not NodeKind.REG:
+        found = self._regular(ino)
+        if found is None:
             return None
         try:
-            return layer.reader.plan_cached(node, offset, size)
+            return found[0].reader.plan_cached(found[1], offset, size)
         except Exception:  # the slow path reports it
             return None
 
