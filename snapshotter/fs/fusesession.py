@@ -1,9 +1,9 @@
 """A FUSE session served on the asyncio loop straight from ``/dev/fuse`` (no libfuse).
 
 Why not a binding: the read-only layer file system wants things pyfuse3/libfuse do not let
-it say (``docs/design.md``, "Own FUSE session"): no OPEN/OPENDIR round trips (answered
-ENOSYS once, after which the kernel opens files and directories by itself, keeps their
-page cache and caches directory listings), READ and READDIR addressed by inode, requests
+it say (``docs/design.md``, "Own FUSE session"): no OPENDIR round trips (answered ENOSYS
+once, after which the kernel opens directories by itself and caches their listings),
+OPEN only where passthrough can answer it, READ and READDIR addressed by inode, requests
 read into one preallocated buffer and metadata answered inline without a task.
 
 Life cycle: ``mount()`` opens ``/dev/fuse`` and mounts it with mount(2) (needs
@@ -15,9 +15,14 @@ Requests:
 
 * metadata (LOOKUP, GETATTR, READLINK, GETXATTR, LISTXATTR, ACCESS, STATFS, READDIR,
   READDIRPLUS) is answered inline by the synchronous handlers of ``FuseOperations``;
-* READ runs as a task (``await ops.read``); at most ``max_tasks`` at once, after which
-  the session stops reading requests until one finishes;
-* OPEN, OPENDIR, FLUSH, FSYNC, locks, LSEEK, POLL, BMAP, STATX: ENOSYS, which the kernel
+* READ: when ``ops.read_plan`` finds the bytes at hand, they are copied by one of
+  ``read_threads`` threads (inline with 0); otherwise it runs as a task
+  (``await ops.read``), at most ``max_tasks`` at once, after which the session stops
+  reading requests until one finishes;
+* OPEN/RELEASE: when the kernel agreed on passthrough at INIT (and ``ops`` has
+  ``passthrough_file``), answered through ``passthrough.OpenModes``; otherwise OPEN is
+  ENOSYS like the next ones;
+* OPENDIR, FLUSH, FSYNC, locks, LSEEK, POLL, BMAP, STATX: ENOSYS, which the kernel
   remembers for the connection (no more such requests); IOCTL: ENOTTY;
 * anything that would write: EROFS; FORGET/BATCH_FORGET: no answer (inodes are static);
   INTERRUPT: ENOSYS (the kernel stops sending them: requests are short or end in EIO).
@@ -37,11 +42,9 @@ import asyncio
 import contextlib
 import ctypes
 import errno
-import fcntl
 import logging
 import os
 import stat
-import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from snapshotter.fs import fusewire as w
+from snapshotter.fs.passthrough import OpenModes
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +64,6 @@ _BUFFER = MAX_WRITE + 4096
 _BATCH = 64  # requests read per readiness callback before giving other tasks a turn
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV = 1, 2, 4
 _MNT_DETACH = 2
-_CACHED, _PASSTHROUGH = 1, 2  # the mode of an open handle (its fh)
-_MAX_BACKING = 1024  # backing files registered per session at most
 _BY_DESIGN = frozenset({w.OPEN, w.OPENDIR, w.RELEASE, w.RELEASEDIR, w.FLUSH, w.FSYNC,
                         w.FSYNCDIR, w.INTERRUPT, w.GETLK, w.SETLK, w.SETLKW, w.LSEEK,
                         w.POLL, w.BMAP, w.STATX, w.IOCTL, w.DESTROY})
@@ -171,11 +173,7 @@ class FuseSession:
             w.READDIR: self._readdir, w.READDIRPLUS: self._readdirplus,
             w.OPEN: self._open, w.RELEASE: self._release,
         }
-        # Passthrough: the kernel reads an assembled file's bytes from the cache file
-        # itself. Per inode, all opens must use one mode at a time (the kernel answers
-        # a mixed open with EIO), so the session counts each inode's open handles.
-        self._backing: dict[int, int] = {}  # ino -> backing id, while it has open handles
-        self._opens: dict[int, tuple[int, int]] = {}  # ino -> (mode fh, open handles)
+        self._modes: OpenModes | None = None  # with passthrough: set at mount
 
     # --- mount and unmount ----------------------------------------------------------------
 
@@ -198,6 +196,9 @@ class FuseSession:
             os.close(fd)
             raise exc
         self._fd = fd
+        source = getattr(self._ops, "passthrough_file", None)
+        if self._want_passthrough and source is not None:
+            self._modes = OpenModes(fd, source)
 
     def close(self) -> None:
         """Stop serving, cancel pending reads, detach the mount and close the device.
@@ -473,72 +474,22 @@ class FuseSession:
 
     def _open(self, nodeid: int, body: memoryview) -> bytes:
         """Without passthrough: ENOSYS, after which the kernel opens files by itself
-        (page cache kept). With it: a file whose bytes are all in one cache file is opened
-        in passthrough mode, any other with the page cache kept; an inode with open
-        handles keeps the mode they have."""
-        if not self.flags & w.PASSTHROUGH:
+        (page cache kept). With it: the mode ``passthrough.OpenModes`` chooses."""
+        if not self.flags & w.PASSTHROUGH or self._modes is None:
             raise w.FuseError(errno.ENOSYS)
         flags, _ = w.OPEN_IN.unpack_from(body)
         if flags & os.O_ACCMODE != os.O_RDONLY:
             raise w.FuseError(errno.EROFS)
-        mode, count = self._opens.get(nodeid, (0, 0))
-        if count == 0:
-            mode = _CACHED
-            if self._backing_id(nodeid) is not None:
-                mode = _PASSTHROUGH
-        self._opens[nodeid] = (mode, count + 1)
-        if mode == _PASSTHROUGH:
-            if self._stats is not None:
-                with self._stats_lock:
-                    self._stats.passthrough_opens += 1
-            return w.open_out(w.FOPEN_PASSTHROUGH, self._backing[nodeid], fh=mode)
-        return w.open_out(w.FOPEN_KEEP_CACHE, fh=mode)
+        open_flags, backing, fh = self._modes.open(nodeid)
+        if open_flags & w.FOPEN_PASSTHROUGH and self._stats is not None:
+            with self._stats_lock:
+                self._stats.passthrough_opens += 1
+        return w.open_out(open_flags, backing, fh=fh)
 
     def _release(self, nodeid: int, body: memoryview) -> bytes:
-        """One handle fewer; the last passthrough handle of an inode also gives its
-        backing file back (it would otherwise keep an evicted cache file's disk space).
-        Safe: a new OPEN can only use the id after this loop answered it, and its
-        RELEASE comes after the kernel took its own reference."""
-        mode, count = self._opens.get(nodeid, (0, 0))
-        if count > 1:
-            self._opens[nodeid] = (mode, count - 1)
-            return b""
-        self._opens.pop(nodeid, None)
-        backing = self._backing.pop(nodeid, None)
-        if backing is not None:
-            with contextlib.suppress(OSError):
-                fcntl.ioctl(self._fd, w.DEV_IOC_BACKING_CLOSE, struct.pack("=I", backing))
+        if self._modes is not None:
+            self._modes.release(nodeid)
         return b""
-
-    def _backing_id(self, ino: int) -> int | None:
-        """The kernel's id of the backing file of ``ino`` (registered on first use, given
-        back with the inode's last handle), or None when it has none. A refused
-        registration turns passthrough off for the session."""
-        found = self._backing.get(ino)
-        if found is not None:
-            return found
-        if len(self._backing) >= _MAX_BACKING:
-            return None
-        source: Callable[[int], str | None] | None = getattr(self._ops, "passthrough_file",
-                                                             None)
-        path = source(ino) if source is not None else None
-        if path is None:
-            return None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return None  # evicted meanwhile
-        try:
-            arg = bytearray(w.BACKING_MAP.pack(fd, 0, 0))
-            backing = int(fcntl.ioctl(self._fd, w.DEV_IOC_BACKING_OPEN, arg, True))
-        except OSError as exc:
-            log.warning("FUSE passthrough refused (%s): reads go through the daemon", exc)
-            self.flags &= ~w.PASSTHROUGH
-            return None
-        finally:
-            os.close(fd)  # the kernel holds its own reference
-        self._backing[ino] = backing
-        return backing
 
     # --- notifications --------------------------------------------------------------------
 
