@@ -85,3 +85,23 @@ def test_cli_rejects_a_bad_config_file(tmp_path: Path) -> None:
     argv = ["--mode", "shared", "--mountpoint", "/m", "--control", "/s", "--config", path]
     assert main(argv) == 2
     assert main([*argv[:-1], f"{tmp_path}/missing.json"]) == 2
+
+
+def test_startup_nodes_are_the_small_regular_startup_files_a_layer_has() -> None:
+    from snapshotter.formats.index import ROOT_INO
+    from snapshotter.fs.daemon import STARTUP_FILE_MAX_BYTES, startup_nodes
+    from tests.unit.test_fs_fakes import LayerBuilder
+
+    b = LayerBuilder()
+    etc = b.dir(ROOT_INO, "etc")
+    passwd = b.file(etc.ino, "passwd", b"root:x:0:0::/root:/bin/sh\n")
+    b.symlink(etc.ino, "group", b"/usr/share/group")  # not followed
+    b.file(etc.ino, "ld.so.cache", b"x" * (STARTUP_FILE_MAX_BYTES + 1))  # too big
+    index, _ = b.build()
+    assert startup_nodes(index) == [passwd]
+    empty, _ = LayerBuilder().build()
+    assert startup_nodes(empty) == []
+    c = LayerBuilder()
+    c.file(ROOT_INO, "etc", b"a file where a directory would be")
+    odd, _ = c.build()
+    assert startup_nodes(odd) == []
