@@ -282,9 +282,11 @@ class FuseSession:
             self._dispatch(self._view[:n])
 
     def _dispatch(self, req: memoryview) -> None:
-        header = w.parse_header(req)
-        opcode, unique, nodeid = header.opcode, header.unique, header.nodeid
-        body = req[w.IN_HEADER.size:header.length]
+        if len(req) < w.IN_HEADER.size:
+            log.error("ignoring a request of %d bytes (shorter than its header)", len(req))
+            return
+        length, opcode, unique, nodeid = w.IN_HEADER_START.unpack_from(req)
+        body = req[w.IN_HEADER.size:length]
         handler = self._sync.get(opcode)
         if handler is not None:
             started = time.perf_counter()

@@ -102,6 +102,7 @@ NOTIFY_INVAL_ENTRY = 3
 DT_FIFO, DT_CHR, DT_DIR, DT_BLK, DT_REG, DT_LNK, DT_SOCK = 1, 2, 4, 6, 8, 10, 12
 
 IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
+IN_HEADER_START = struct.Struct("=IIQQ")  # len opcode unique nodeid: what dispatch needs
 OUT_HEADER = struct.Struct("=IiQ")  # len error unique
 _ATTR = "QQQQQQIIIIIIIIII"  # fuse_attr: 88 bytes
 _ENTRY_OUT = struct.Struct("=QQQQII" + _ATTR)  # 128 bytes

@@ -19,6 +19,7 @@ Nothing here is thread-safe: each object is used on one event loop.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections import Counter
@@ -98,12 +99,7 @@ class Histogram:
     def observe(self, value: float) -> None:
         """Count one observation (a negative one counts as 0)."""
         value = max(0.0, value)
-        for i, bound in enumerate(self.bounds):
-            if value <= bound:
-                self.counts[i] += 1
-                break
-        else:
-            self.counts[-1] += 1
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # len(bounds): +inf
         self.sum += value
 
     def cumulative(self) -> list[tuple[float, int]]:
