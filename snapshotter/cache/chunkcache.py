@@ -44,11 +44,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from snapshotter.errdefs import FormatError
 from snapshotter.formats.index import Chunk
 
+T = TypeVar("T")
 _KEY_RE = re.compile(r"^([a-z0-9]{1,16}):([0-9a-f]{32,128})$")
 _TMP_PREFIX = ".tmp-"
 _STALE_TMP_S = 3600.0
@@ -212,24 +213,15 @@ class ChunkCache:
         miss is not counted here: the caller falls back to ``read``, which counts it."""
         if offset < 0:
             raise ValueError("negative offset")
-        path = self._path(key)
-        handle = self._acquire(key, path)
-        if handle is None:
-            return False
-        try:
+
+        def fill(handle: _Handle) -> bool | None:
             want = len(out)
             got = os.preadv(handle.fd, [out], offset) if want > 0 else 0
-            if got != want:
-                self._discard(path, handle)
-                return False
-            now = time.time()
-            if now - handle.touched >= self._touch_interval:
-                os.utime(handle.fd)
-                handle.touched = now
-        except OSError:
+            return True if got == want else None
+
+        done = self._with_file(key, fill)
+        if done is None:
             return False
-        finally:
-            self._release(handle)
         self._count(miss=False)
         return True
 
@@ -243,30 +235,38 @@ class ChunkCache:
                 self._drop_locked(h)
 
     def _read(self, key: str, offset: int, length: int | None) -> bytes | None:
-        path = self._path(key)
-        handle = self._acquire(key, path)
-        if handle is None:  # evicted (ENOENT) or unreadable: either way, fetch it again
-            self._count(miss=True)
-            return None
-        try:
+        def read(handle: _Handle) -> bytes | None:
             want = handle.size - offset if length is None else length
             data = os.pread(handle.fd, want, offset) if want > 0 else b""
-            if len(data) != want:
+            return data if len(data) == want else None
+
+        data = self._with_file(key, read)
+        self._count(miss=data is None)
+        return data
+
+    def _with_file(self, key: str, use: Callable[[_Handle], T | None]) -> T | None:
+        """``use(handle)`` on the open file of ``key``: None when the file is missing or
+        unreadable (evicted: fetch again), or when ``use`` says it is damaged (None:
+        short), which removes it. A good read refreshes the file's LRU clock."""
+        path = self._path(key)
+        handle = self._acquire(key, path)
+        if handle is None:
+            return None
+        try:
+            result = use(handle)
+            if result is None:
                 self._discard(path, handle)
-                self._count(miss=True)
                 return None
             now = time.time()
             if now - handle.touched >= self._touch_interval:
                 # The LRU clock: refresh mtime on use (atime is unreliable under relatime).
                 os.utime(handle.fd)
                 handle.touched = now
+            return result
         except OSError:
-            self._count(miss=True)
             return None
         finally:
             self._release(handle)
-        self._count(miss=False)
-        return data
 
     def _acquire(self, key: str, path: str) -> _Handle | None:
         """An open handle of ``key``'s file with one more user, or None when it cannot be

@@ -122,6 +122,16 @@ class LayerIndex:
         ino = self.nodes[parent].children.get(name)
         return None if ino is None else self.nodes[ino]
 
+    def resolve(self, path: str) -> Node | None:
+        """The node at relative ``path`` (``"etc/passwd"``), or None; symlinks are not
+        followed, and a path through a non-directory resolves to None."""
+        node: Node | None = self.root
+        for name in path.split("/"):
+            if node is None or node.kind is not NodeKind.DIR:
+                return None
+            node = self.lookup(node.ino, name)
+        return node
+
     def walk(self) -> Iterator[tuple[str, Node]]:
         """Yield ``(path, node)`` for every directory entry, depth first, root as ``""``.
 

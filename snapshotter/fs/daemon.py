@@ -51,7 +51,7 @@ from snapshotter.errdefs import (
     StartupError,
     Unavailable,
 )
-from snapshotter.formats.index import LayerIndex, Node, NodeKind
+from snapshotter.formats.index import LayerIndex
 from snapshotter.fs.activity import Activity
 from snapshotter.fs.control import (
     ControlServer,
@@ -60,7 +60,7 @@ from snapshotter.fs.control import (
     LayerStatus,
     json_field,
 )
-from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress
+from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress, startup_nodes
 from snapshotter.fs.fusesession import FuseSession, MountOptions
 from snapshotter.fs.kernel import set_read_ahead
 from snapshotter.fs.ops import (
@@ -435,8 +435,8 @@ class LayerManager:
         the pull goes on: a layer mounted from its TOC file has made no request yet, and
         the container's first miss would otherwise pay the TCP handshake (1.5 round
         trips) and the authentication on top of its own round trip. The request fetches
-        the layer's start-up files (``STARTUP_FILES``) if it has any, else one byte. A
-        failure only means the first miss pays after all."""
+        the layer's start-up files (``fetchpolicy.STARTUP_FILES``) if it has any, else
+        one byte. A failure only means the first miss pays after all."""
         try:
             nodes = startup_nodes(layer.index) if layer.index is not None else []
             if nodes and layer.reader is not None:
@@ -478,32 +478,6 @@ class LayerManager:
             layer.blob_fetchers.append(fetcher)
             fetchers[blob] = fetcher
         return fetchers
-
-
-# Files nearly every container start reads from its image, whatever it runs: containerd
-# resolves the container's user and groups from /etc/passwd and /etc/group while it
-# creates the container, and the dynamic loader reads /etc/ld.so.cache at every exec of
-# a dynamically linked program. A layer that has them fetches them right after it is
-# mounted (as its registry warm-up), so that these reads are not misses.
-STARTUP_FILES = ("etc/passwd", "etc/group", "etc/ld.so.cache")
-STARTUP_FILE_MAX_BYTES = 1 << 20
-
-
-def startup_nodes(index: LayerIndex) -> list[Node]:
-    """The regular files of ``STARTUP_FILES`` that ``index`` has (symlinks are not
-    followed), each at most ``STARTUP_FILE_MAX_BYTES``."""
-    found: list[Node] = []
-    for path in STARTUP_FILES:
-        node: Node | None = index.root
-        for name in path.split("/"):
-            if node is None or node.kind is not NodeKind.DIR:
-                node = None
-                break
-            node = index.lookup(node.ino, name)
-        if (node is not None and node.kind is NodeKind.REG
-                and 0 < node.size <= STARTUP_FILE_MAX_BYTES):
-            found.append(node)
-    return found
 
 
 class NoTocDigest(InvalidArgument):

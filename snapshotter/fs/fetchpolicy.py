@@ -99,6 +99,23 @@ def prefetch_nodes(index: LayerIndex) -> list[Node]:
     return out
 
 
+# Files nearly every container start reads from its image, whatever it runs: containerd
+# resolves the container's user and groups from /etc/passwd and /etc/group while it
+# creates the container, and the dynamic loader reads /etc/ld.so.cache at every exec of
+# a dynamically linked program. A layer that has them fetches them right after it is
+# mounted (as its registry warm-up), so that these reads are not misses.
+STARTUP_FILES = ("etc/passwd", "etc/group", "etc/ld.so.cache")
+STARTUP_FILE_MAX_BYTES = 1 << 20
+
+
+def startup_nodes(index: LayerIndex) -> list[Node]:
+    """The regular files of ``STARTUP_FILES`` that ``index`` has (symlinks are not
+    followed), each at most ``STARTUP_FILE_MAX_BYTES``."""
+    found = [index.resolve(path) for path in STARTUP_FILES]
+    return [n for n in found if n is not None and n.kind is NodeKind.REG
+            and 0 < n.size <= STARTUP_FILE_MAX_BYTES]
+
+
 def background_nodes(index: LayerIndex) -> list[Node]:
     """Every regular file with data, in the blob order of its first chunk."""
     nodes = [n for n in index.nodes.values() if n.kind is NodeKind.REG and n.chunks]

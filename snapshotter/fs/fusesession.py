@@ -282,10 +282,11 @@ class FuseSession:
             self._dispatch(self._view[:n])
 
     def _dispatch(self, req: memoryview) -> None:
-        if len(req) < w.IN_HEADER.size:
-            log.error("ignoring a request of %d bytes (shorter than its header)", len(req))
+        try:
+            length, opcode, unique, nodeid, _, _, _ = w.parse_header(req)
+        except w.ProtocolError as exc:
+            log.error("ignoring a request: %s", exc)
             return
-        length, opcode, unique, nodeid = w.IN_HEADER_START.unpack_from(req)
         body = req[w.IN_HEADER.size:length]
         handler = self._sync.get(opcode)
         if handler is not None:
@@ -457,18 +458,19 @@ class FuseSession:
         return w.statfs_out(blocks=s.blocks, files=s.files, bsize=s.bsize, namelen=s.namelen)
 
     def _readdir(self, nodeid: int, body: memoryview) -> bytes:
-        _, offset, size, _ = w.READ_IN.unpack_from(body)
-        out = w.DirentBuffer(size)
-        for name, attr, next_off in self._ops.readdir(nodeid, offset):
-            if not out.add(w.dirent(attr.st_ino, next_off, name, attr.st_mode)):
-                break
-        return b"".join(out.parts)
+        return self._listing(nodeid, body, plus=False)
 
     def _readdirplus(self, nodeid: int, body: memoryview) -> bytes:
+        return self._listing(nodeid, body, plus=True)
+
+    def _listing(self, nodeid: int, body: memoryview, *, plus: bool) -> bytes:
+        """Whole directory records from the requested position, as many as fit."""
         _, offset, size, _ = w.READ_IN.unpack_from(body)
         out = w.DirentBuffer(size)
         for name, attr, next_off in self._ops.readdir(nodeid, offset):
-            if not out.add(w.direntplus(attr, next_off, name)):
+            record = (w.direntplus(attr, next_off, name) if plus
+                      else w.dirent(attr.st_ino, next_off, name, attr.st_mode))
+            if not out.add(record):
                 break
         return b"".join(out.parts)
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 MAJOR = 7
 MINOR = 31  # max_pages (7.28), no_opendir (7.29), FOPEN_CACHE_DIR (7.28)
@@ -102,7 +103,7 @@ NOTIFY_INVAL_ENTRY = 3
 DT_FIFO, DT_CHR, DT_DIR, DT_BLK, DT_REG, DT_LNK, DT_SOCK = 1, 2, 4, 6, 8, 10, 12
 
 IN_HEADER = struct.Struct("=IIQQIIIHH")  # len opcode unique nodeid uid gid pid extlen pad
-IN_HEADER_START = struct.Struct("=IIQQ")  # len opcode unique nodeid: what dispatch needs
+_IN_HEADER_FIELDS = struct.Struct("=IIQQIII4x")  # the same without extlen and padding
 OUT_HEADER = struct.Struct("=IiQ")  # len error unique
 _ATTR = "QQQQQQIIIIIIIIII"  # fuse_attr: 88 bytes
 _ENTRY_OUT = struct.Struct("=QQQQII" + _ATTR)  # 128 bytes
@@ -131,9 +132,8 @@ class ProtocolError(Exception):
     """The kernel speaks a FUSE protocol this module cannot answer."""
 
 
-@dataclass(frozen=True, slots=True)
-class Header:
-    """A request's ``fuse_in_header``."""
+class Header(NamedTuple):
+    """A request's ``fuse_in_header`` (a tuple: the session unpacks it on every request)."""
 
     length: int
     opcode: int
@@ -148,8 +148,7 @@ def parse_header(buf: bytes | memoryview) -> Header:
     """The header at the start of ``buf``; raises ProtocolError if it is too short."""
     if len(buf) < IN_HEADER.size:
         raise ProtocolError(f"request of {len(buf)} bytes is shorter than its header")
-    length, opcode, unique, nodeid, uid, gid, pid, _, _ = IN_HEADER.unpack_from(buf)
-    return Header(length, opcode, unique, nodeid, uid, gid, pid)
+    return Header._make(_IN_HEADER_FIELDS.unpack_from(buf))
 
 
 class Attr:

@@ -309,6 +309,8 @@ class ChunkReader:
     def _whole_file(self, node: Node) -> str | None:
         """The cache key of ``node``'s assembled file when it is known to be stored (one
         existence check per big file and reader), else None."""
+        if node.size < self._whole_min or not self._whole_min:
+            return None  # every read of a small file asks: nothing to look up or keep
         if node.ino in self._whole:
             return self._whole[node.ino]
         key = self._whole_key(node)

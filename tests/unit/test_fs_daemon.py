@@ -89,7 +89,7 @@ def test_cli_rejects_a_bad_config_file(tmp_path: Path) -> None:
 
 def test_startup_nodes_are_the_small_regular_startup_files_a_layer_has() -> None:
     from snapshotter.formats.index import ROOT_INO
-    from snapshotter.fs.daemon import STARTUP_FILE_MAX_BYTES, startup_nodes
+    from snapshotter.fs.fetchpolicy import STARTUP_FILE_MAX_BYTES, startup_nodes
     from tests.unit.test_fs_fakes import LayerBuilder
 
     b = LayerBuilder()
