@@ -60,6 +60,11 @@ class RemoteConfig:
     # A missing chunk is fetched together with the uncached chunks that follow it in the
     # layer blob, up to this many more compressed bytes in the same request; 0 disables.
     amplify_bytes: int = 128 << 10
+    # Once two small files (compressed size at most dir_ahead_file_bytes) of one directory
+    # have missed, fetch that directory's other small files in the background, up to this
+    # many compressed bytes, nearest the miss first; 0 disables.
+    dir_ahead_bytes: int = 4 << 20
+    dir_ahead_file_bytes: int = 64 << 10
     # A file of at least this many bytes (and two chunks or more) read to its end is kept
     # whole in the cache, and later opens read that copy directly (FUSE passthrough where
     # the kernel offers it); 0 disables.
@@ -185,6 +190,8 @@ class Config:
             "activity_file": self.activity_file,
             "readahead_chunks": remote.readahead_chunks,
             "amplify_bytes": remote.amplify_bytes,
+            "dir_ahead_bytes": remote.dir_ahead_bytes,
+            "dir_ahead_file_bytes": remote.dir_ahead_file_bytes,
             "whole_file_bytes": remote.whole_file_bytes,
         }
 
@@ -293,6 +300,7 @@ def _check(config: Config) -> None:
     for key, val in (
         ("remote.mount_timeout", config.remote.mount_timeout),
         ("remote.prefetch_timeout", config.remote.prefetch_timeout),
+        ("remote.dir_ahead_file_bytes", config.remote.dir_ahead_file_bytes),
         ("daemon.restart_backoff", config.daemon.restart_backoff),
         ("registry.request_timeout", config.registry.request_timeout),
         ("registry.deadline", config.registry.deadline),
@@ -304,6 +312,7 @@ def _check(config: Config) -> None:
         ("remote.background_rate", config.remote.background_rate),
         ("remote.background_silence", config.remote.background_silence),
         ("remote.amplify_bytes", config.remote.amplify_bytes),
+        ("remote.dir_ahead_bytes", config.remote.dir_ahead_bytes),
         ("remote.whole_file_bytes", config.remote.whole_file_bytes),
         ("remote.toc_lookahead_layers", config.remote.toc_lookahead_layers),
         ("remote.read_ahead_kib", config.remote.read_ahead_kib),

@@ -74,6 +74,8 @@ class LayerSpec:
     request reads uncached chunks of the blob (0 = only what was asked; see
     ``snapshotter.fs.reader``). ``whole_file_bytes``: the smallest file kept whole in
     the cache once read to its end (0 = none; see ``snapshotter.fs.reader``).
+    ``dir_ahead_bytes``/``dir_ahead_file_bytes``: directory read-ahead budget and the
+    largest compressed file it counts as small (0 = off; see ``snapshotter.fs.dirahead``).
     """
 
     layer_id: int
@@ -94,6 +96,8 @@ class LayerSpec:
     toc_offset: int | None = None
     amplify_bytes: int = 0
     whole_file_bytes: int = 0
+    dir_ahead_bytes: int = 0
+    dir_ahead_file_bytes: int = 64 << 10
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -128,6 +132,8 @@ class LayerSpec:
             toc_offset=get(raw, "toc_offset", int, None, allow_none=True),
             amplify_bytes=get(raw, "amplify_bytes", int, 0),
             whole_file_bytes=get(raw, "whole_file_bytes", int, 0),
+            dir_ahead_bytes=get(raw, "dir_ahead_bytes", int, 0),
+            dir_ahead_file_bytes=get(raw, "dir_ahead_file_bytes", int, 64 << 10),
         )
         spec.check()
         return spec
@@ -142,7 +148,8 @@ class LayerSpec:
             raise InvalidArgument(f"unsupported layer format {self.format!r}")
         if (self.background_rate_bytes_per_s < 0 or self.readahead_chunks < 0
                 or self.background_silence_s < 0 or self.amplify_bytes < 0
-                or self.whole_file_bytes < 0):
+                or self.whole_file_bytes < 0 or self.dir_ahead_bytes < 0
+                or self.dir_ahead_file_bytes <= 0):
             raise InvalidArgument("rates, read-ahead and silence must not be negative")
         if self.activity_file is not None and not os.path.isabs(self.activity_file):
             raise InvalidArgument("the activity file path must be absolute")

@@ -60,6 +60,7 @@ from snapshotter.fs.control import (
     LayerStatus,
     json_field,
 )
+from snapshotter.fs.dirahead import DirectoryAhead
 from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress, startup_nodes
 from snapshotter.fs.fusesession import FuseSession, MountOptions
 from snapshotter.fs.kernel import set_read_ahead
@@ -420,6 +421,10 @@ class LayerManager:
             layout=(c for node in index.nodes.values() for c in node.chunks),
             amplify_bytes=spec.amplify_bytes,
             whole_file_bytes=spec.whole_file_bytes,
+            dir_ahead=DirectoryAhead(index.nodes, budget_bytes=spec.dir_ahead_bytes,
+                                     file_bytes=spec.dir_ahead_file_bytes)
+            if spec.dir_ahead_bytes else None,
+            on_ahead=self.counters.fetch.record,
         )
         layer.index, layer.reader = index, reader
         self._ops.add_layer(MountedLayer(spec.layer_id, spec.digest, index, reader))

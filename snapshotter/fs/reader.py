@@ -20,10 +20,17 @@ Guarantees:
     ``activity.Activity``), which the background fetch waits on to stay out of the way;
   * amplified misses: with ``amplify_bytes`` > 0 and the layer's ``layout`` (every chunk of
     the layer), a miss also fetches the uncached chunks that follow it in the blob, of any
-    file, in the same request, as long as the request spans at most ``amplify_bytes`` more
-    compressed bytes. Files that are read together usually sit together in the blob (one
+    file, up to ``amplify_bytes`` more compressed bytes, in a second request sent at the
+    same time as the miss's own (so the miss is answered after its own bytes, not after
+    the extra ones). Files that are read together usually sit together in the blob (one
     directory, one package), so one round trip then serves the next few misses; the cost is
     at most ``amplify_bytes`` of transfer per miss. The extra chunks are only cached.
+  * directory read-ahead: with a ``dir_ahead`` (``snapshotter.fs.dirahead``), each miss is
+    reported to it, and the files it names (a directory's other small files, once two of
+    them have missed) are fetched in the background in batches of ``_AHEAD_BATCH_BYTES``,
+    ``_AHEAD_PARALLEL`` at a time; a read of one of them waits for its batch instead of
+    fetching again. A failed read-ahead is logged; its files are then fetched on demand.
+    ``on_ahead`` is told of each finished one (phase ``directory``).
   * whole files: once a big file (at least ``whole_file_bytes``, two chunks or more,
     chunks contiguous) has been read to its end with every chunk cached, its chunks are
     copied into one cache entry keyed by the file's chunk list (``ChunkCache.assemble``,
@@ -55,18 +62,26 @@ from snapshotter.cache.chunkcache import ChunkCache, chunk_key
 from snapshotter.errdefs import DigestMismatch, FormatError, Unavailable
 from snapshotter.formats.index import Chunk, Node, NodeKind
 from snapshotter.fs.activity import Activity
+from snapshotter.fs.dirahead import DirectoryAhead
 from snapshotter.remote.base import BlobFetcher
 
 log = logging.getLogger(__name__)
 
 Decoder = Callable[[bytes, Chunk], bytes]
 """``decoder(compressed_range_bytes, chunk) -> verified uncompressed chunk bytes``."""
+AheadRecorder = Callable[[str, bool, int, float | None], None]
+"""``record(phase, complete, fetched_bytes, seconds)``: told of each finished directory
+read-ahead (``FetchTotals.record``'s signature)."""
 
 _SEQ_TRACKED = 1024
 WHOLE_FILE_MIN_BYTES = 8 << 20
 WHOLE_FILE_AHEAD = 32 << 20
 _BATCH_BYTES = 4 << 20
 _INLINE_DECODE_BYTES = 64 << 10
+# A directory read-ahead goes in batches of this many compressed bytes, this many at once:
+# a miss that comes meanwhile queues behind at most that much on the link.
+_AHEAD_BATCH_BYTES = 256 << 10
+_AHEAD_PARALLEL = 4
 
 
 def verify_digest(data: bytes, digest: str) -> None:
@@ -124,6 +139,8 @@ class ReaderCounters:
     cache_misses: int = 0
     readahead_chunks: int = 0
     amplified_chunks: int = 0
+    dir_ahead_files: int = 0
+    dir_ahead_bytes: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,8 +192,12 @@ class ChunkReader:
         layout: Iterable[Chunk] = (),
         amplify_bytes: int = 0,
         whole_file_bytes: int = WHOLE_FILE_MIN_BYTES,
+        dir_ahead: DirectoryAhead | None = None,
+        on_ahead: AheadRecorder | None = None,
     ) -> None:
         self._fetchers = dict(fetchers)
+        self._dir_ahead = dir_ahead
+        self._on_ahead = on_ahead
         self._amplify = max(0, amplify_bytes)
         self._layout: dict[str, list[Chunk]] = {}
         if self._amplify:
@@ -243,7 +264,12 @@ class ChunkReader:
             waits.append((len(pieces) - 1, fut, lo, hi))
         if missing:
             self.activity.note()
-            self._spawn(missing + self._amplified(missing))
+            self._spawn(missing)
+            extra = self._amplified(missing)
+            if extra:
+                self._spawn(extra)
+            if self._dir_ahead is not None:
+                self._fetch_ahead(self._dir_ahead.missed(node))
         for pos, fut, lo, hi in waits:
             pieces[pos] = (await asyncio.shield(fut))[lo:hi]
         self._note_access(node, offset, end, last)
@@ -393,43 +419,88 @@ class ChunkReader:
         *,
         batch_bytes: int = _BATCH_BYTES,
         gate: Callable[[], Awaitable[None]] | None = None,
+        parallel: int = 1,
     ) -> int:
         """Make sure every chunk of ``nodes`` is in the cache; return compressed bytes fetched.
 
-        Chunks are fetched in blob order in batches of about ``batch_bytes`` compressed, one
-        batch at a time; ``gate`` (if given) is awaited before each batch (the background
-        fetch waits there for quiet); ``rate_limit_bytes_per_s`` > 0 paces the batches so
-        the average rate stays below it. Chunks already cached or being fetched by someone
-        else are not fetched again. Raises the first fetch or verification error.
+        Chunks are fetched in blob order in batches of about ``batch_bytes`` compressed,
+        ``parallel`` batches at a time (one request each); ``gate`` (if given) is awaited
+        before each batch (the background fetch waits there for quiet);
+        ``rate_limit_bytes_per_s`` > 0 paces the batches so the average rate stays below
+        it. Chunks already cached or being fetched by someone else are not fetched again.
+        Raises the first fetch or verification error (the other batches are cancelled).
         """
         loop = asyncio.get_running_loop()
         started = loop.time()
         fetched = 0
-        for batch in self._batches(nodes, batch_bytes):
-            if gate is not None:
-                await gate()
-            futs: list[asyncio.Future[bytes]] = []
-            missing: list[tuple[Chunk, str]] = []
-            for chunk, key in batch:
-                fut = self._inflight.get(key)
-                if fut is None:
-                    if self._cache.contains(key):
-                        continue
-                    fut = self._register(key)
-                    missing.append((chunk, key))
-                futs.append(fut)
-            tasks: list[asyncio.Task[None]] = []
-            if missing:
-                fetched += _compressed_size(c for c, _ in missing)
-                tasks = self._spawn(missing)
-            for fut in futs:
-                await asyncio.shield(fut)
-            if tasks:  # until our chunks are stored, not just decoded; wait() never cancels
-                await asyncio.wait(tasks)
-            if rate_limit_bytes_per_s > 0:
-                due = started + fetched / rate_limit_bytes_per_s
-                await self._sleep(max(0.0, due - loop.time()))
+        batches = iter(self._batches(nodes, batch_bytes))
+
+        async def worker() -> None:
+            nonlocal fetched
+            for batch in batches:
+                if gate is not None:
+                    await gate()
+                size = await self._fetch_batch(batch)
+                fetched += size
+                if rate_limit_bytes_per_s > 0 and size:
+                    due = started + fetched / rate_limit_bytes_per_s
+                    await self._sleep(max(0.0, due - loop.time()))
+
+        if parallel <= 1:
+            await worker()
+        else:
+            try:
+                async with asyncio.TaskGroup() as group:  # a failure cancels the others
+                    for _ in range(parallel):
+                        group.create_task(worker())
+            except* Exception as failed:
+                raise failed.exceptions[0] from None
         return fetched
+
+    async def _fetch_batch(self, batch: list[tuple[Chunk, str]]) -> int:
+        """Fetch the uncached chunks of ``batch`` and wait until all of it is stored;
+        return the compressed bytes this call fetched."""
+        futs: list[asyncio.Future[bytes]] = []
+        missing: list[tuple[Chunk, str]] = []
+        for chunk, key in batch:
+            fut = self._inflight.get(key)
+            if fut is None:
+                if self._cache.contains(key):
+                    continue
+                fut = self._register(key)
+                missing.append((chunk, key))
+            futs.append(fut)
+        tasks = self._spawn(missing) if missing else []
+        for fut in futs:
+            await asyncio.shield(fut)
+        if tasks:  # until our chunks are stored, not just decoded; wait() never cancels
+            await asyncio.wait(tasks)
+        return _compressed_size(c for c, _ in missing)
+
+    def _fetch_ahead(self, nodes: list[Node]) -> None:
+        """Fetch ``nodes`` (a directory read-ahead) in the background, a few batches at a
+        time; a failure is logged, the files are then fetched on demand."""
+        if not nodes or self._closed:
+            return
+
+        async def run() -> None:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            fetched, ok = 0, False
+            try:
+                fetched = await self.fetch_all(nodes, batch_bytes=_AHEAD_BATCH_BYTES,
+                                               parallel=_AHEAD_PARALLEL)
+                self.counters.dir_ahead_bytes += fetched
+                ok = True
+            except Exception as exc:  # on demand later
+                self._log.info("directory read-ahead of %d files failed: %s", len(nodes), exc)
+            if self._on_ahead is not None:
+                self._on_ahead("directory", ok, fetched, loop.time() - started)
+
+        self.counters.dir_ahead_files += len(nodes)
+        task = asyncio.get_running_loop().create_task(run())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def is_cached(self, chunk: Chunk) -> bool:
         """Whether ``chunk`` is in the cache now."""

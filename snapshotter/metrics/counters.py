@@ -43,7 +43,7 @@ REGISTRY_BUCKETS_S = (
 )
 FETCH_BUCKETS_S = (0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 
-FETCH_PHASES = ("prefetch", "background")
+FETCH_PHASES = ("prefetch", "background", "directory")
 FETCH_RESULTS = ("complete", "failed", "skipped")
 REGISTRY_EVENTS = ("redirects", "mirror_fallbacks", "multi_range_fallbacks",
                    "redirect_reresolves")
@@ -199,9 +199,11 @@ class FuseStats:
 
 @dataclass
 class FetchTotals:
-    """Prefetch and background fetch, per phase: compressed bytes fetched, layers by
-    result (``complete``, ``failed``, or ``skipped`` when there was nothing to fetch) and
-    how long each layer's phase took (skipped ones are not timed)."""
+    """Prefetch, background fetch and directory read-ahead, per phase: compressed bytes
+    fetched, runs by result (``complete``, ``failed``, or ``skipped`` when there was
+    nothing to fetch) and how long each run took (skipped ones are not timed). Prefetch
+    and background fetch run once per layer, a directory read-ahead once per directory
+    that triggered it (``snapshotter.fs.dirahead``)."""
 
     bytes: Counter[str] = field(default_factory=Counter)
     layers: Counter[tuple[str, str]] = field(default_factory=Counter)

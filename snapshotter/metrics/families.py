@@ -286,13 +286,15 @@ def _cache_families(r: Readings) -> Iterator[Metric]:
 def _fetch_families(r: Readings) -> Iterator[Metric]:
     fetch = r.daemon_totals.fetch
     fetched = _counter("lazysnap_fetch_bytes_total",
-                       "Compressed bytes fetched by prefetch and background fetch.", ["phase"])
+                       "Compressed bytes fetched by prefetch, background fetch and directory"
+                       " read-ahead.", ["phase"])
     durations = _histogram("lazysnap_fetch_duration_seconds",
-                           "How long a layer's prefetch or background fetch took.", ["phase"])
+                           "How long a layer's prefetch or background fetch, or a directory"
+                           " read-ahead, took.", ["phase"])
     layers = _counter(
         "lazysnap_fetch_layers_total",
-        "Layers whose prefetch or background fetch finished, by result (skipped: nothing to"
-        " fetch).", ["phase", "result"])
+        "Layers whose prefetch or background fetch finished, and directory read-ahead runs,"
+        " by result (skipped: nothing to fetch).", ["phase", "result"])
     for phase in c.FETCH_PHASES:
         fetched.add_metric([phase], fetch.bytes.get(phase, 0))
         hist = fetch.durations.get(phase)
