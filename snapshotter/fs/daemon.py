@@ -440,7 +440,7 @@ class LayerManager:
         the pull goes on: a layer mounted from its TOC file has made no request yet, and
         the container's first miss would otherwise pay the TCP handshake (1.5 round
         trips) and the authentication on top of its own round trip. The request fetches
-        the layer's start-up files (``fetchpolicy.STARTUP_FILES``) if it has any, else
+        the layer's start-up files (``fetchpolicy.startup_nodes``) if it has any, else
         one byte. A failure only means the first miss pays after all."""
         try:
             nodes = startup_nodes(layer.index) if layer.index is not None else []

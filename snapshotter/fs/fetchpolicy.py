@@ -106,14 +106,38 @@ def prefetch_nodes(index: LayerIndex) -> list[Node]:
 # mounted (as its registry warm-up), so that these reads are not misses.
 STARTUP_FILES = ("etc/passwd", "etc/group", "etc/ld.so.cache")
 STARTUP_FILE_MAX_BYTES = 1 << 20
+# The same for the ELF interpreter and the C library, which every dynamically linked
+# program maps before its first instruction (glibc on Debian/Ubuntu with and without
+# merged /usr and on Fedora/RHEL, for x86-64 and arm64; musl, whose loader is its libc).
+# Where they live is a fact of the distribution, so the real paths are listed (symlinks
+# such as /lib64/ld-linux-x86-64.so.2 are not followed: they may sit in another layer).
+LOADER_FILES = (
+    "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "usr/lib/x86_64-linux-gnu/libc.so.6",
+    "lib/x86_64-linux-gnu/ld-linux-x86-64.so.2", "lib/x86_64-linux-gnu/libc.so.6",
+    "usr/lib64/ld-linux-x86-64.so.2", "usr/lib64/libc.so.6",
+    "usr/lib/aarch64-linux-gnu/ld-linux-aarch64.so.1", "usr/lib/aarch64-linux-gnu/libc.so.6",
+    "lib/aarch64-linux-gnu/ld-linux-aarch64.so.1", "lib/aarch64-linux-gnu/libc.so.6",
+    "usr/lib64/ld-linux-aarch64.so.1",
+    "lib/ld-musl-x86_64.so.1", "lib/ld-musl-aarch64.so.1",
+)
+LOADER_FILE_MAX_BYTES = 4 << 20
 
 
 def startup_nodes(index: LayerIndex) -> list[Node]:
-    """The regular files of ``STARTUP_FILES`` that ``index`` has (symlinks are not
-    followed), each at most ``STARTUP_FILE_MAX_BYTES``."""
-    found = [index.resolve(path) for path in STARTUP_FILES]
-    return [n for n in found if n is not None and n.kind is NodeKind.REG
-            and 0 < n.size <= STARTUP_FILE_MAX_BYTES]
+    """The regular files of ``STARTUP_FILES`` (each at most ``STARTUP_FILE_MAX_BYTES``)
+    and of ``LOADER_FILES`` (each at most ``LOADER_FILE_MAX_BYTES``) that ``index`` has,
+    in that order; symlinks are not followed."""
+    out: list[Node] = []
+    seen: set[int] = set()
+    for paths, limit in ((STARTUP_FILES, STARTUP_FILE_MAX_BYTES),
+                         (LOADER_FILES, LOADER_FILE_MAX_BYTES)):
+        for path in paths:
+            node = index.resolve(path)
+            if (node is not None and node.kind is NodeKind.REG and 0 < node.size <= limit
+                    and node.ino not in seen):
+                seen.add(node.ino)
+                out.append(node)
+    return out
 
 
 def background_nodes(index: LayerIndex) -> list[Node]:

@@ -105,3 +105,27 @@ def test_startup_nodes_are_the_small_regular_startup_files_a_layer_has() -> None
     c.file(ROOT_INO, "etc", b"a file where a directory would be")
     odd, _ = c.build()
     assert startup_nodes(odd) == []
+
+
+def test_startup_nodes_include_the_elf_interpreter_and_the_c_library() -> None:
+    from snapshotter.formats.index import ROOT_INO
+    from snapshotter.fs.fetchpolicy import LOADER_FILE_MAX_BYTES, startup_nodes
+    from tests.unit.test_fs_fakes import LayerBuilder
+
+    b = LayerBuilder()
+    etc = b.dir(ROOT_INO, "etc")
+    passwd = b.file(etc.ino, "passwd", b"root:x:0:0::/root:/bin/sh\n")
+    usr = b.dir(ROOT_INO, "usr")
+    lib = b.dir(b.dir(usr.ino, "lib").ino, "x86_64-linux-gnu")
+    libc = b.file(lib.ino, "libc.so.6", b"\x7fELF" + bytes(2000))
+    loader = b.file(lib.ino, "ld-linux-x86-64.so.2", b"\x7fELF" + bytes(1000))
+    b.file(lib.ino, "libm.so.6", b"\x7fELF" + bytes(1000))  # not every program's
+    lib64 = b.dir(usr.ino, "lib64")
+    b.symlink(lib64.ino, "ld-linux-x86-64.so.2", b"../lib/x86_64-linux-gnu/ld-linux-x86-64.so.2")
+    b.file(lib64.ino, "libc.so.6", b"x" * (LOADER_FILE_MAX_BYTES + 1))  # too big
+    index, _ = b.build()
+    assert startup_nodes(index) == [passwd, loader, libc]
+    musl = LayerBuilder()
+    ld = musl.file(musl.dir(ROOT_INO, "lib").ino, "ld-musl-x86_64.so.1", b"\x7fELF" + bytes(9))
+    alpine, _ = musl.build()
+    assert startup_nodes(alpine) == [ld]
