@@ -477,6 +477,7 @@ def daemon_config(config: Config, layers: list[dict[str, Any]]) -> dict[str, Any
         "entry_timeout": config.remote.entry_timeout,
         "attr_timeout": config.remote.attr_timeout,
         "read_ahead_kib": config.remote.read_ahead_kib,
+        "fuse_spin_us": config.remote.fuse_spin_us,
         "registry": dataclasses.asdict(config.registry),
         "layers": layers,
     }

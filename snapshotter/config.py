@@ -75,6 +75,11 @@ class RemoteConfig:
     # The kernel's read-ahead window on a remote layer's FUSE mount, KiB (also the most a
     # read request to the daemon can carry, up to 1 MiB); 0 keeps the kernel's 128 KiB.
     read_ahead_kib: int = 4096
+    # After answering a request, a FUSE daemon keeps polling its device this many
+    # microseconds before it sleeps: a program walking or stat-ing a tree sends its next
+    # request within a few tens of microseconds, sooner than a sleeping daemon wakes up;
+    # 0 disables (see snapshotter.fs.fusesession).
+    fuse_spin_us: int = 50
     # Largest TOC accepted, bytes.
     max_toc_bytes: int = 64 << 20
     # On the Prepare of a layer, start fetching the footer and TOC of up to this many of
@@ -316,6 +321,7 @@ def _check(config: Config) -> None:
         ("remote.whole_file_bytes", config.remote.whole_file_bytes),
         ("remote.toc_lookahead_layers", config.remote.toc_lookahead_layers),
         ("remote.read_ahead_kib", config.remote.read_ahead_kib),
+        ("remote.fuse_spin_us", config.remote.fuse_spin_us),
         ("daemon.restart_limit", config.daemon.restart_limit),
     ):
         if ival < 0:

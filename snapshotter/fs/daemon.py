@@ -124,6 +124,7 @@ class LayerLog(logging.LoggerAdapter[logging.Logger]):
 _CONFIG_KEYS = {
     "version", "cache_dir", "cache_limit_bytes", "cache_fsync", "registry", "entry_timeout",
     "attr_timeout", "log_level", "allow_other", "fuse_max_tasks", "layers", "read_ahead_kib",
+    "fuse_spin_us",
 }
 DEFAULT_READ_AHEAD_KIB = 4096
 
@@ -143,6 +144,7 @@ class DaemonConfig:
     allow_other: bool = True
     fuse_max_tasks: int = 64
     read_ahead_kib: int = DEFAULT_READ_AHEAD_KIB
+    fuse_spin_us: int = 0
 
     @classmethod
     def from_json(cls, raw: object, mode: str) -> DaemonConfig:
@@ -155,7 +157,9 @@ class DaemonConfig:
         exactly one), ``cache_fsync`` (false), ``allow_other`` (true),
         ``fuse_max_tasks`` (64), ``read_ahead_kib`` (the kernel's read-ahead window on
         the mount, KiB, ``DEFAULT_READ_AHEAD_KIB``; 0 keeps the kernel's 128 KiB; see
-        ``snapshotter.fs.kernel``). Unknown keys are errors.
+        ``snapshotter.fs.kernel``), ``fuse_spin_us`` (0: how long the FUSE session polls
+        for the next request before it sleeps; see ``snapshotter.fs.fusesession``).
+        Unknown keys are errors.
         """
         if not isinstance(raw, dict):
             raise ConfigError("daemon config must be a JSON object")
@@ -178,13 +182,14 @@ class DaemonConfig:
                 allow_other=_get(raw, "allow_other", bool, True),
                 fuse_max_tasks=_get(raw, "fuse_max_tasks", int, 64),
                 read_ahead_kib=_get(raw, "read_ahead_kib", int, DEFAULT_READ_AHEAD_KIB),
+                fuse_spin_us=_get(raw, "fuse_spin_us", int, 0),
             )
         except InvalidArgument as exc:
             raise ConfigError(f"bad layer in daemon config: {exc}") from None
         if config.cache_limit_bytes <= 0 or config.fuse_max_tasks <= 0:
             raise ConfigError("cache_limit_bytes and fuse_max_tasks must be positive")
-        if config.read_ahead_kib < 0:
-            raise ConfigError("read_ahead_kib must be >= 0")
+        if config.read_ahead_kib < 0 or config.fuse_spin_us < 0:
+            raise ConfigError("read_ahead_kib and fuse_spin_us must be >= 0")
         if config.log_level not in logging.getLevelNamesMapping():
             raise ConfigError(f"unknown log level {config.log_level!r}")
         if mode == "dedicated" and len(config.layers) != 1:
@@ -544,6 +549,7 @@ class Daemon:
         self.counters = counters if counters is not None else DaemonCounters()
         self._session = FuseSession(
             self._ops, mountpoint, mount_options(config), max_tasks=config.fuse_max_tasks,
+            spin_s=config.fuse_spin_us / 1e6,
             stats=self.counters.fuse, on_init=self._after_init,
         )
         self._ops.notifier = self._session

@@ -22,6 +22,12 @@ Requests:
 * OPEN/RELEASE: when the kernel agreed on passthrough at INIT (and ``ops`` has
   ``passthrough_file``), answered through ``passthrough.OpenModes``; otherwise OPEN is
   ENOSYS like the next ones;
+* waiting: once no request is pending, the session keeps trying to read for ``spin_s``
+  seconds before it returns to the event loop's poll. A program that walks or stats a
+  tree sends its next request some 10-30 us after our answer; a thread asleep in
+  ``epoll_wait`` takes longer than that to be woken (on this VM a GETXATTR round trip
+  went from ~40 to ~25 us with 30-50 us of polling). The cost is at most ``spin_s`` of CPU
+  per burst of requests, during which the loop runs nothing else;
 * OPENDIR, FLUSH, FSYNC, locks, LSEEK, POLL, BMAP, STATX: ENOSYS, which the kernel
   remembers for the connection (no more such requests); IOCTL: ENOTTY;
 * anything that would write: EROFS; FORGET/BATCH_FORGET: no answer (inodes are static);
@@ -144,8 +150,9 @@ class FuseSession:
     def __init__(self, ops: FuseOperations, mountpoint: str, options: MountOptions, *,
                  max_tasks: int = 64, stats: RequestStats | None = None,
                  on_init: Callable[[], None] | None = None, read_threads: int = 2,
-                 passthrough: bool = True) -> None:
+                 passthrough: bool = True, spin_s: float = 0.0) -> None:
         self._ops = ops
+        self._spin_s = max(0.0, spin_s)
         self._mountpoint = mountpoint
         self._options = options
         self._max_tasks = max_tasks
@@ -260,14 +267,23 @@ class FuseSession:
             self._reading = False
 
     def _readable(self) -> None:
-        for _ in range(_BATCH):
+        spin_until = 0.0
+        handled = 0
+        while handled < _BATCH:
             if len(self._tasks) >= self._max_tasks:
                 self._pause()  # resumed when a read finishes
                 return
             try:
                 n = os.readv(self._fd, [self._buf])
             except BlockingIOError:
-                return
+                if self._spin_s <= 0:
+                    return
+                now = time.perf_counter()
+                if spin_until == 0.0:
+                    spin_until = now + self._spin_s
+                elif now >= spin_until:
+                    return
+                continue
             except InterruptedError:
                 continue
             except OSError as exc:
@@ -279,6 +295,8 @@ class FuseSession:
                 else:
                     self._finish(exc)
                 return
+            handled += 1
+            spin_until = 0.0
             self._dispatch(self._view[:n])
 
     def _dispatch(self, req: memoryview) -> None:

@@ -142,7 +142,7 @@ def detach(path: Path) -> None:
 
 @contextlib.asynccontextmanager
 async def serving(tmp_path: Path, *, shared: bool, layers: Sequence[MountedLayer] = (),
-                  passthrough: bool = True) -> AsyncIterator[Served]:
+                  passthrough: bool = True, spin_s: float = 0.0) -> AsyncIterator[Served]:
     require_fuse()
     mnt = Path(os.path.realpath(tmp_path)) / "mnt"
     mnt.mkdir()
@@ -151,7 +151,7 @@ async def serving(tmp_path: Path, *, shared: bool, layers: Sequence[MountedLayer
     for layer in layers:
         ops.add_layer(layer)
     session = FuseSession(ops, str(mnt), MountOptions(fsname="lazysnap-test"), max_tasks=16,
-                          stats=stats, passthrough=passthrough)
+                          stats=stats, passthrough=passthrough, spin_s=spin_s)
     ops.notifier = session
     session.mount()
     task = asyncio.create_task(session.serve())
@@ -334,6 +334,34 @@ def check_writes_fail(root: Path) -> None:
     assert not os.access(root / "etc/hosts", os.W_OK)
     assert os.access(root / "etc/hosts", os.R_OK)
     assert (root / "etc/hosts").read_bytes() == HOSTS
+
+
+async def test_a_polling_session_answers_bursts_and_sparse_requests_alike(tmp_path: Path
+                                                                          ) -> None:
+    """With ``spin_s`` the session polls for the next request before it sleeps: a burst
+    (a stat and xattr walk), requests that come after it has gone back to sleep, reads
+    that need a fetch meanwhile, and an outside unmount all work as without it."""
+    async with serving(tmp_path, shared=True, layers=[build_layer(tmp_path, 1)],
+                       spin_s=0.002) as s:
+        root = s.mnt / "1"
+        await off_loop(check_files, root)
+
+        def walk() -> int:
+            seen = 0
+            for name in os.listdir(root / "many"):
+                os.lstat(root / "many" / name)
+                with contextlib.suppress(OSError):
+                    os.getxattr(root / "many" / name, "user.absent")
+                seen += 1
+            return seen
+
+        assert await off_loop(walk) == MANY
+        for _ in range(3):  # one at a time, each after the session went back to sleep
+            await asyncio.sleep(0.01)
+            assert (await off_loop((root / "etc/hosts").read_bytes)) == HOSTS
+        assert s.count("getxattr") >= MANY  # shared mode: every one is answered
+        detach(s.mnt)
+        await asyncio.wait_for(asyncio.shield(s.task), 10)
 
 
 async def test_writes_fail_with_erofs(tmp_path: Path) -> None:

@@ -46,6 +46,8 @@ def test_config_defaults_and_keys() -> None:
     assert c.read_ahead_kib == DEFAULT_READ_AHEAD_KIB == 4096
     raw = {"cache_dir": "/c", "cache_limit_bytes": 10, "read_ahead_kib": 0}
     assert DaemonConfig.from_json(raw, "shared").read_ahead_kib == 0
+    assert c.fuse_spin_us == 0  # the snapshotter passes remote.fuse_spin_us
+    assert DaemonConfig.from_json({**raw, "fuse_spin_us": 50}, "shared").fuse_spin_us == 50
 
 
 @pytest.mark.parametrize(
@@ -60,6 +62,7 @@ def test_config_defaults_and_keys() -> None:
         ({"cache_dir": "/c", "cache_limit_bytes": 1, "version": 2}, "shared"),
         ({"cache_dir": "/c", "cache_limit_bytes": 1, "read_ahead_kib": -1}, "shared"),
         ({"cache_dir": "/c", "cache_limit_bytes": 1, "read_ahead_kib": 1.5}, "shared"),
+        ({"cache_dir": "/c", "cache_limit_bytes": 1, "fuse_spin_us": -1}, "shared"),
         ({"cache_dir": "/c", "cache_limit_bytes": 1, "layers": [{"layer_id": 1}]}, "shared"),
         ([], "shared"),
     ],
