@@ -196,6 +196,13 @@ def lazysnap(lazysnap_factory: LazysnapFactory) -> Lazysnap:
 
 
 @pytest.fixture
+def quiet_lazysnap(lazysnap_factory: LazysnapFactory) -> Lazysnap:
+    """A running lazysnap that fetches only what is read (no background fetch) and
+    serves no metrics: what a layer fetched is then what its reads and policies asked."""
+    return lazysnap_factory('[metrics]\naddress = ""\n[remote]\nbackground_fetch = false\n')
+
+
+@pytest.fixture
 def containerd(request: pytest.FixtureRequest, e2e_workdir: Path) -> Iterator[Containerd]:
     """A running private containerd; proxy snapshotter ``lazysnap`` at this workdir's socket.
 

@@ -11,7 +11,6 @@ import random
 
 import pytest
 
-from .conftest import LazysnapFactory
 from .demo import busybox_layer
 from .harness import Containerd, Lazysnap, Registry
 from .imagebuild import File, Layer
@@ -25,10 +24,6 @@ SMALL = 20_000  # random bytes: about as big compressed, far below the 64 KiB th
 BIG = 2_000_000
 AMPLIFY = 128 << 10
 
-
-@pytest.fixture
-def quiet_lazysnap(lazysnap_factory: LazysnapFactory) -> Lazysnap:
-    return lazysnap_factory('[metrics]\naddress = ""\n[remote]\nbackground_fetch = false\n')
 
 
 def test_a_directory_whose_small_files_keep_missing_is_fetched_ahead(

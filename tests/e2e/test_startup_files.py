@@ -10,7 +10,6 @@ import random
 
 import pytest
 
-from .conftest import LazysnapFactory
 from .demo import busybox_layer
 from .harness import Containerd, Lazysnap, Registry
 from .imagebuild import File, Layer
@@ -22,10 +21,6 @@ pytestmark = pytest.mark.e2e
 PASSWD = b"root:x:0:0:root:/root:/bin/sh\nuser:x:1000:1000::/home/user:/bin/sh\n"
 GROUP = b"root:x:0:\nuser:x:1000:\n"
 
-
-@pytest.fixture
-def quiet_lazysnap(lazysnap_factory: LazysnapFactory) -> Lazysnap:
-    return lazysnap_factory('[metrics]\naddress = ""\n[remote]\nbackground_fetch = false\n')
 
 
 def test_a_layer_fetches_its_startup_files_right_after_the_pull(
