@@ -132,6 +132,20 @@ class LayerIndex:
             node = self.lookup(node.ino, name)
         return node
 
+    def path_of(self, node: Node) -> str:
+        """One path of ``node`` relative to the root (``""`` for the root; a hard-linked
+        inode gets one of its names). Costs a scan of each ancestor's entries: meant for
+        messages, not for a request path."""
+        names: list[str] = []
+        while node.ino != ROOT_INO and len(names) <= len(self.nodes):
+            parent = self.nodes.get(node.parent)
+            if parent is None:
+                break
+            names.append(next((name for name, ino in parent.children.items()
+                               if ino == node.ino), f"#{node.ino}"))
+            node = parent
+        return "/".join(reversed(names))
+
     def walk(self) -> Iterator[tuple[str, Node]]:
         """Yield ``(path, node)`` for every directory entry, depth first, root as ``""``.
 

@@ -441,7 +441,15 @@ class LayerOperations:
         if layer is None or node.kind is not NodeKind.REG:
             raise FuseError(errno.EISDIR if node.kind is NodeKind.DIR else errno.EINVAL)
         try:
-            return await layer.reader.read(node, offset, size)
+            if not log.isEnabledFor(logging.DEBUG):
+                return await layer.reader.read(node, offset, size)
+            started = time.monotonic()
+            data = await layer.reader.read(node, offset, size)
+            # Only reads whose bytes were not all cached come here (``read_plan``).
+            log.debug("[layer %s] read of /%s [%d, +%d) waited %.1f ms for the registry",
+                      layer.digest, layer.index.path_of(node), offset, size,
+                      (time.monotonic() - started) * 1000)
+            return data
         except _READ_FAILURES as exc:
             log.warning(
                 "[layer %s] read of inode %d [%d, +%d) failed: %s: %s",

@@ -150,3 +150,16 @@ def test_layer_builder_makes_a_valid_index() -> None:
     assert [c.size for c in f.chunks] == [10, 10, 5]
     assert index.nodes[ROOT_INO].nlink == 3 and f.nlink == 2
     assert blob[f.chunks[2].blob_offset : f.chunks[2].blob_end] == b"x" * 5
+
+
+def test_index_path_of_names_a_node_from_the_root() -> None:
+    b = LayerBuilder()
+    d = b.dir(ROOT_INO, "usr")
+    lib = b.dir(d.ino, "lib")
+    f = b.file(lib.ino, "libc.so.6", b"x")
+    b.hardlink(ROOT_INO, "alias", f)
+    index, _ = b.build()
+    assert index.path_of(index.root) == ""
+    assert index.path_of(lib) == "usr/lib"
+    assert index.path_of(f) == "usr/lib/libc.so.6"  # a hard link: one of its names
+    assert index.resolve(index.path_of(f)) is f

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
@@ -191,6 +192,19 @@ async def test_reads_at_any_offset(tmp_path: Path) -> None:
     assert await async_errno(ops.read(path_ino(ops, "etc"), 0, 10)) == errno.EISDIR
     assert await async_errno(ops.read(path_ino(ops, "link"), 0, 10)) == errno.EINVAL
     assert await async_errno(ops.read(987_654, 0, 10)) == errno.ENOENT
+
+
+async def test_a_read_that_waits_is_logged_with_its_path_at_debug_level(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ops, _ = make_ops(tmp_path)
+    ino = path_ino(ops, "etc", "hosts")
+    with caplog.at_level(logging.INFO, logger="snapshotter.fs.ops"):
+        await ops.read(ino, 0, 10)
+    assert not caplog.records  # nothing at info level
+    with caplog.at_level(logging.DEBUG, logger="snapshotter.fs.ops"):
+        assert await ops.read(path_ino(ops, "big"), 0, 10) == bytes(range(10))
+    [record] = caplog.records
+    assert "read of /big [0, +10) waited" in record.getMessage()
 
 
 def test_access_checks_existence_and_refuses_writing(tmp_path: Path) -> None:
