@@ -81,7 +81,7 @@ _INLINE_DECODE_BYTES = 64 << 10
 # A directory read-ahead goes in batches of this many compressed bytes, this many at once:
 # a miss that comes meanwhile queues behind at most that much on the link.
 _AHEAD_BATCH_BYTES = 256 << 10
-_AHEAD_PARALLEL = 4
+_AHEAD_PARALLEL = 2
 
 
 def verify_digest(data: bytes, digest: str) -> None:
