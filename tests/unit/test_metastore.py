@@ -32,6 +32,49 @@ def test_wal_and_schema_version(store: MetaStore) -> None:
         SCHEMA_VERSION)
 
 
+def churn(store: MetaStore, count: int, pause_every: int = 0) -> None:
+    """Create and remove ``count`` snapshots; with ``pause_every``, wait for the running
+    checkpoint after that many (an API client's pauses, in test time)."""
+    for i in range(count):
+        with store.write() as tx:
+            tx.create(f"k{i}", "", Kind.ACTIVE, {"l": "v" * 200}, i)
+        with store.write() as tx:
+            tx.remove(f"k{i}")
+        if pause_every and i % pause_every == pause_every - 1:
+            store.wait_checkpoint()
+
+
+def test_checkpoints_run_in_the_background_and_keep_the_log_small(tmp_path: Path) -> None:
+    """The writer does not checkpoint every 1000 pages any more (sqlite's default); the
+    store's background checkpoints let the log start over after each pause."""
+    store = MetaStore(tmp_path / "m.db", checkpoint_every=20)
+    assert store._c.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000
+    churn(store, 600, pause_every=10)
+    checkpointed = (tmp_path / "m.db-wal").stat().st_size  # the log's high-water mark
+    never = MetaStore(tmp_path / "n.db", checkpoint_every=1 << 30)
+    churn(never, 600)
+    unbounded = (tmp_path / "n.db-wal").stat().st_size
+    assert checkpointed < unbounded // 10, (checkpointed, unbounded)
+    with store.read() as tx:  # nothing lost on the way
+        assert tx.get("k599") is None
+    store.close()
+    never.close()
+
+
+def test_a_failed_checkpoint_is_logged_and_harmless(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    store = MetaStore(tmp_path / "m.db", checkpoint_every=1)
+    store.wait_checkpoint()
+    store.path = tmp_path / "missing-dir" / "m.db"  # the checkpoint's connection fails
+    with store.write() as tx:
+        tx.create("a", "", Kind.ACTIVE, {}, 1)
+    store.wait_checkpoint()
+    assert "metastore checkpoint failed" in caplog.text
+    with store.read() as tx:
+        assert tx.must_get("a").key == "a"
+    store.close()
+
+
 def test_newer_schema_is_refused(tmp_path: Path) -> None:
     MetaStore(tmp_path / "m.db").close()
     conn = sqlite3.connect(tmp_path / "m.db")
