@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from snapshotter.remote.reference import is_digest
+
 MAX_LABEL_BYTES = 4096
 
 # Set by containerd's unpacker on the extraction Prepare: the chainID being prepared.
@@ -74,13 +76,9 @@ def following_layers(labels: Mapping[str, str]) -> list[str]:
     out: list[str] = []
     for raw in labels.get(key, "").split(","):
         digest = raw.strip()
-        if (digest != this and digest not in out and digest.startswith("sha256:")
-                and len(digest) == 71 and all(c in _HEX for c in digest[7:])):
+        if digest != this and digest not in out and is_digest(digest):
             out.append(digest)
     return out
-
-
-_HEX = frozenset("0123456789abcdef")
 
 
 def is_remote(labels: Mapping[str, str]) -> bool:

@@ -55,14 +55,17 @@ class DirectoryAhead:
         self._misses: dict[int, int] = {}  # directory ino -> small misses so far
         self._done: set[int] = set()  # directories already fetched ahead
 
-    def _small(self, node: Node) -> bool:
-        return (node.kind is NodeKind.REG and bool(node.chunks)
-                and compressed_size(node) <= self._file_bytes)
+    def _small_size(self, node: Node) -> int | None:
+        """The compressed size of a small regular file with data, else None."""
+        if node.kind is not NodeKind.REG or not node.chunks:
+            return None
+        size = compressed_size(node)
+        return size if size <= self._file_bytes else None
 
     def missed(self, node: Node) -> list[Node]:
         """Record an on-demand miss of ``node``; the files to fetch ahead now, or []."""
         parent = node.parent
-        if parent in self._done or not self._small(node):
+        if parent in self._done or self._small_size(node) is None:
             return []
         count = self._misses.get(parent, 0) + 1
         if count < self._misses_needed:
@@ -74,16 +77,17 @@ class DirectoryAhead:
         if directory is None:
             return []
         blob, offset = _position(node)
-        candidates = []
+        candidates: list[tuple[Node, int]] = []
         for ino in directory.children.values():
             child = self._nodes.get(ino)
-            if child is not None and child.ino != node.ino and self._small(child):
-                candidates.append(child)
-        candidates.sort(key=lambda n: (_position(n)[0] != blob, abs(_position(n)[1] - offset)))
+            size = None if child is None or child.ino == node.ino else self._small_size(child)
+            if child is not None and size is not None:
+                candidates.append((child, size))
+        candidates.sort(key=lambda c: (_position(c[0])[0] != blob,
+                                       abs(_position(c[0])[1] - offset)))
         chosen: list[Node] = []
         total = 0
-        for child in candidates:
-            size = compressed_size(child)
+        for child, size in candidates:
             if total + size > self._budget:
                 break
             chosen.append(child)

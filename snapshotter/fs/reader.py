@@ -55,8 +55,9 @@ import functools
 import hashlib
 import logging
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from snapshotter.cache.chunkcache import ChunkCache, chunk_key
 from snapshotter.errdefs import DigestMismatch, FormatError, Unavailable
@@ -321,15 +322,6 @@ class ChunkReader:
             self._assemble_later(node)
         return CachedRange(self._cache, tuple(parts), end - offset)
 
-    def read_cached_into(self, node: Node, offset: int, length: int,
-                         buf: memoryview) -> int | None:
-        """``plan_cached`` and ``fill`` in one: the number of bytes copied into ``buf``,
-        or None when ``read`` must be used."""
-        plan = self.plan_cached(node, offset, length)
-        if plan is None or not plan.fill(buf):
-            return None
-        return plan.size
-
     # --- whole files ------------------------------------------------------------------------
 
     def _whole_file(self, node: Node) -> str | None:
@@ -392,9 +384,7 @@ class ChunkReader:
         if key is None:
             return
         self._assembling.add(node.ino)
-        task = asyncio.get_running_loop().create_task(self._assemble(node, key))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(self._assemble(node, key))
 
     async def _assemble(self, node: Node, key: str) -> None:
         """Wait for the file's chunks still being fetched and stored, then copy them into
@@ -498,9 +488,7 @@ class ChunkReader:
                 self._on_ahead("directory", ok, fetched, loop.time() - started)
 
         self.counters.dir_ahead_files += len(nodes)
-        task = asyncio.get_running_loop().create_task(run())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._background(run())
 
     def is_cached(self, chunk: Chunk) -> bool:
         """Whether ``chunk`` is in the cache now."""
@@ -544,15 +532,21 @@ class ChunkReader:
             by_blob.setdefault(chunk.blob, []).append((chunk, key))
         tasks = []
         for blob, group in by_blob.items():
-            task = asyncio.get_running_loop().create_task(self._fetch_group(blob, group))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task = self._background(self._fetch_group(blob, group))
             keys = [key for _, key in group]
             for key in keys:
                 self._key_tasks[key] = task
             task.add_done_callback(functools.partial(self._fetched, keys=keys))
             tasks.append(task)
         return tasks
+
+    def _background(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``work`` as a task the reader owns (``wait_idle`` waits for it, ``aclose``
+        cancels it)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def _fetched(self, task: asyncio.Task[None], *, keys: list[str]) -> None:
         for key in keys:

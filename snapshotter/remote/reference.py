@@ -42,12 +42,17 @@ _MAX_NAME_LENGTH = 255
 _MAX_REFERENCE_LENGTH = 4096
 
 
+def is_digest(digest: object) -> bool:
+    """Whether ``digest`` is ``sha256:`` + 64 lower-case hex digits."""
+    return isinstance(digest, str) and _DIGEST_RE.fullmatch(digest) is not None
+
+
 def validate_digest(digest: str) -> str:
     """Return ``digest`` unchanged if it is ``sha256:`` + 64 lower-case hex digits.
 
     Raises InvalidArgument otherwise (other algorithms are not supported).
     """
-    if not isinstance(digest, str) or _DIGEST_RE.fullmatch(digest) is None:
+    if not is_digest(digest):
         raise InvalidArgument(f"invalid digest {_shorten(digest)!r}: want sha256:<64 hex>")
     return digest
 

@@ -266,23 +266,33 @@ async def test_amplification_skips_cached_chunks_and_is_off_by_default(tmp_path:
         [(files[2].chunks[0].blob_offset, files[2].chunks[0].blob_end)]]
 
 
+def read_cached_into(reader: ChunkReader, node: Node, offset: int, length: int,
+                     buf: memoryview) -> int | None:
+    """What the FUSE session does with a READ: ``plan_cached``, then ``fill``; the bytes
+    copied into ``buf``, or None when ``read`` must be used."""
+    plan = reader.plan_cached(node, offset, length)
+    if plan is None or not plan.fill(buf):
+        return None
+    return plan.size
+
+
 async def test_cached_ranges_are_copied_into_a_buffer_without_fetching(tmp_path: Path) -> None:
     reader, fetcher, node, _ = make(tmp_path)
     buf = memoryview(bytearray(2048))
-    assert reader.read_cached_into(node, 150, 250, buf) is None  # nothing cached yet
+    assert read_cached_into(reader, node, 150, 250, buf) is None  # nothing cached yet
     assert reader.counters.cache_hits == reader.counters.cache_misses == 0
     assert fetcher.calls == []
     assert await reader.read(node, 0, 2000) == DATA
     await reader.wait_idle()
     served = reader.counters.served_bytes
-    assert reader.read_cached_into(node, 150, 250, buf) == 250
+    assert read_cached_into(reader, node, 150, 250, buf) == 250
     assert bytes(buf[:250]) == DATA[150:400]
-    assert reader.read_cached_into(node, 1000, 500, buf) == 28  # short at the end
+    assert read_cached_into(reader, node, 1000, 500, buf) == 28  # short at the end
     assert bytes(buf[:28]) == DATA[1000:]
-    assert reader.read_cached_into(node, 1028, 10, buf) == 0
+    assert read_cached_into(reader, node, 1028, 10, buf) == 0
     assert reader.counters.served_bytes == served + 278
     await reader.aclose()
-    assert reader.read_cached_into(node, 0, 10, buf) is None
+    assert read_cached_into(reader, node, 0, 10, buf) is None
 
 
 async def test_a_chunk_in_flight_is_left_to_the_slow_path(tmp_path: Path) -> None:
@@ -293,8 +303,8 @@ async def test_a_chunk_in_flight_is_left_to_the_slow_path(tmp_path: Path) -> Non
     pending = asyncio.ensure_future(reader.read(node, 100, 100))
     await fetcher.started.wait()
     buf = memoryview(bytearray(256))
-    assert reader.read_cached_into(node, 50, 100, buf) is None  # chunk 1 is being fetched
-    assert reader.read_cached_into(node, 0, 100, buf) == 100
+    assert read_cached_into(reader, node, 50, 100, buf) is None  # chunk 1 is being fetched
+    assert read_cached_into(reader, node, 0, 100, buf) == 100
     fetcher.gate.set()
     assert await pending == DATA[100:200]
 
@@ -325,9 +335,9 @@ async def test_sequential_reads_of_cached_chunks_ask_for_the_next_files_early(
     await warm.wait_idle()
     reader = ChunkReader({"": fetcher}, cache, readahead_chunks=3)
     buf = memoryview(bytearray(256))
-    assert reader.read_cached_into(node, 0, 100, buf) == 100
+    assert read_cached_into(reader, node, 0, 100, buf) == 100
     assert cache.hinted == []  # one read is not a sequence yet
-    assert reader.read_cached_into(node, 100, 100, buf) == 100
+    assert read_cached_into(reader, node, 100, 100, buf) == 100
     keys = [chunk_key(c, fetcher.digest) for c in node.chunks]
     assert cache.hinted == keys[2:5]
     assert reader.counters.readahead_chunks == 0 and len(fetcher.calls) == 1
