@@ -478,6 +478,8 @@ def daemon_config(config: Config, layers: list[dict[str, Any]]) -> dict[str, Any
         "attr_timeout": config.remote.attr_timeout,
         "read_ahead_kib": config.remote.read_ahead_kib,
         "fuse_spin_us": config.remote.fuse_spin_us,
+        "memory_limit_bytes": config.daemon.memory_limit,
+        "toc_limits": config.toc_limits().to_json(),
         "registry": dataclasses.asdict(config.registry),
         "layers": layers,
     }

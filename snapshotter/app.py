@@ -119,6 +119,7 @@ class App:
                                   cache_limit_bytes=cfg.cache.limit_bytes))
         lazy = LazyLayers(cfg, manager, client)
         stack.push_async_callback(lazy.aclose)
+        await lazy.start()
         snapshotter = RemoteSnapshotter(cfg, store, lazy, observe=self.metrics.observe_decision)
         await snapshotter.restore()
         return snapshotter

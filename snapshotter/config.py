@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from snapshotter.errdefs import ConfigError
+from snapshotter.formats import limits
 
 CONFIG_VERSION = 1
 DEFAULT_CONFIG_PATH = "/etc/lazysnap/config.toml"
@@ -81,7 +82,16 @@ class RemoteConfig:
     # 0 disables (see snapshotter.fs.fusesession).
     fuse_spin_us: int = 50
     # Largest TOC accepted, bytes.
-    max_toc_bytes: int = 64 << 20
+    max_toc_bytes: int = limits.MAX_TOC_BYTES
+    # Most entries of one layer's TOC, the directories it implies included.
+    max_toc_entries: int = limits.MAX_TOC_ENTRIES
+    # Most directories a TOC may imply (parents it does not name) beyond its entries.
+    max_implicit_dirs: int = limits.MAX_IMPLICIT_DIRS
+    # serve checks each layer's TOC or bootstrap in a separate process with at most this
+    # much address space (bytes; 0 = no limit) and this many seconds per layer: a layer
+    # over them falls back (reason limit_exceeded) and serve goes on.
+    check_memory_limit: int = 2 * GiB
+    check_timeout: float = 20.0
     # On the Prepare of a layer, start fetching the footer and TOC of up to this many of
     # the image's following layers (named by the cri.image-layers / stargz.layers label),
     # so that their own Prepares, which containerd sends one after another, find them
@@ -105,6 +115,9 @@ class DaemonConfig:
     # Dedicated mode: fork daemons from a pre-imported template process (milliseconds)
     # instead of starting a Python process for each layer (about half a second).
     zygote: bool = True
+    # Data memory (heap) of each FUSE daemon process, bytes (RLIMIT_DATA); 0 = no limit.
+    # A layer whose index needs more fails in its own daemon, which keeps serving others.
+    memory_limit: int = 2 * GiB
 
 
 @dataclass(frozen=True)
@@ -181,6 +194,12 @@ class Config:
     def activity_file(self) -> str:
         """The file through which daemons share on-demand activity (fs.activity)."""
         return str(Path(self.root) / "activity")
+
+    def toc_limits(self) -> limits.TocLimits:
+        """The parsing budgets of every eStargz TOC (serve's check and the daemons')."""
+        remote = self.remote
+        return limits.TocLimits(toc_bytes=remote.max_toc_bytes, entries=remote.max_toc_entries,
+                                implicit_dirs=remote.max_implicit_dirs)
 
     def layer_fetch_settings(self) -> dict[str, Any]:
         """The keys of a daemon's layer spec (``fs.control.LayerSpec``) that every remote
@@ -305,6 +324,7 @@ def _check(config: Config) -> None:
     for key, val in (
         ("remote.mount_timeout", config.remote.mount_timeout),
         ("remote.prefetch_timeout", config.remote.prefetch_timeout),
+        ("remote.check_timeout", config.remote.check_timeout),
         ("remote.dir_ahead_file_bytes", config.remote.dir_ahead_file_bytes),
         ("daemon.restart_backoff", config.daemon.restart_backoff),
         ("registry.request_timeout", config.registry.request_timeout),
@@ -323,6 +343,11 @@ def _check(config: Config) -> None:
         ("remote.read_ahead_kib", config.remote.read_ahead_kib),
         ("remote.fuse_spin_us", config.remote.fuse_spin_us),
         ("daemon.restart_limit", config.daemon.restart_limit),
+        ("daemon.memory_limit", config.daemon.memory_limit),
+        ("remote.check_memory_limit", config.remote.check_memory_limit),
+        ("remote.max_toc_bytes", config.remote.max_toc_bytes),
+        ("remote.max_toc_entries", config.remote.max_toc_entries),
+        ("remote.max_implicit_dirs", config.remote.max_implicit_dirs),
     ):
         if ival < 0:
             raise ConfigError(f"{key} must not be negative")

@@ -65,6 +65,11 @@ class FormatError(LazysnapError):
     """
 
 
+class LimitExceeded(FormatError):
+    """Input is over a parsing budget (entries, implied directories, nesting, inflated
+    size, memory or time of the bounded parser): refused before it could cost more."""
+
+
 class DigestMismatch(FormatError):
     """Data does not match the digest that was promised for it (TOC, chunk, blob)."""
 

@@ -9,8 +9,10 @@ the token in brackets; Prepare then falls back to an ordinary pull):
      ``stargz.skipverify`` and config allows unverified layers          [no_toc_digest]
   4. the TOC hashes to the label's digest                               [digest_mismatch]
   5. the TOC is well-formed and every name stays inside the layer       [invalid_toc]
-     (checked while the daemon starts; the daemon checks it too, and a layer that fails
-     the check is unmounted again)
+     and within the parsing budgets (``Config.toc_limits``)           [limit_exceeded]
+     (checked while the daemon starts, in a bounded worker process of its own
+     (``snapshotter.parsebox``), so that a hostile TOC cannot take serve's memory; the
+     daemon checks it too, and a layer that fails the check is unmounted again)
   6. the daemon mounts the layer and finishes prefetch in time          [daemon_error]
 Registry failures map to [blob_not_found], [registry_auth], [timeout], [registry_error].
 The whole check is bounded by ``remote.mount_timeout``.
@@ -43,6 +45,7 @@ from snapshotter.errdefs import (
     RemoteLayerError,
 )
 from snapshotter.formats import estargz
+from snapshotter.parsebox import ParseBox
 from snapshotter.remote.base import BlobFetcher
 from snapshotter.remote.fetcher import read_tail
 from snapshotter.remote.hosts import HostsConfig
@@ -82,10 +85,16 @@ class LazyLayers:
         self.client = client
         self.nydus = nydus.NydusLayers(config, manager, client)
         self.lookahead = TocLookahead(self._fetch_ahead)
+        self.parsebox = ParseBox(config.remote.check_memory_limit, config.remote.check_timeout)
+
+    async def start(self) -> None:
+        """Start the bounded parser processes (so that no Prepare waits for them)."""
+        await self.parsebox.start()
 
     async def aclose(self) -> None:
-        """Stop fetching ahead (at shutdown)."""
+        """Stop fetching ahead and the parser processes (at shutdown)."""
         await self.lookahead.aclose()
+        await self.parsebox.aclose()
 
     async def mount(self, sid: int, mountpoint: str, labels: Mapping[str, str]) -> str:
         kind = nydus.classify(labels)
@@ -123,8 +132,8 @@ class LazyLayers:
         # thread while the daemon starts, which checks it again with the same code: the
         # two take about the same time, so a Prepare pays for one of them.
         results = await asyncio.gather(
-            asyncio.to_thread(estargz.build_index, checked.json, checked.blob_size,
-                              data_end=checked.toc_offset),
+            self.parsebox.call("estargz_toc", checked.json, checked.blob_size,
+                               checked.toc_offset, self.config.toc_limits().to_json()),
             self.manager.mount(sid, mountpoint, spec),
             return_exceptions=True,
         )

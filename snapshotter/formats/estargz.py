@@ -23,9 +23,10 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-from snapshotter.errdefs import DigestMismatch, FormatError
+from snapshotter.errdefs import DigestMismatch, FormatError, LimitExceeded
 from snapshotter.formats.estargz_toc import DEFAULT_MAX_ENTRIES, TocEntry, parse_toc
 from snapshotter.formats.estargz_tree import (
+    MAX_DEFLATE_RATIO,
     NO_PREFETCH_LANDMARK,
     PREFETCH_LANDMARK,
     TOC_TAR_NAME,
@@ -33,6 +34,7 @@ from snapshotter.formats.estargz_tree import (
     index_from_entries,
 )
 from snapshotter.formats.index import Chunk, LayerIndex
+from snapshotter.formats.limits import MAX_TOC_BYTES, TocLimits
 from snapshotter.remote.base import BlobFetcher
 
 __all__ = [
@@ -65,7 +67,7 @@ LEGACY_FOOTER_SIZE = 47
 EXTERNAL_TOC_FOOTER_SIZE = 46
 ZSTD_CHUNKED_FOOTER_SIZE = 40
 
-DEFAULT_MAX_TOC_BYTES = 64 << 20
+DEFAULT_MAX_TOC_BYTES = MAX_TOC_BYTES
 """Refuse TOC JSON larger than this (stargz's own reader has no limit; 64 MiB is ~300k
 entries, far beyond real layers)."""
 
@@ -164,6 +166,8 @@ def _inflate_member(data: bytes, limit: int, *, need_end: bool, what: str) -> by
                 raise FormatError(f"{what}: inflates to more than {limit} bytes")
     except zlib.error as exc:
         raise FormatError(f"{what}: corrupt gzip data: {exc}") from None
+    except OverflowError:  # a limit past what zlib's max_length takes (2**63)
+        raise FormatError(f"{what}: output limit {limit} is out of range") from None
     if need_end and not inflater.eof:
         raise FormatError(f"{what}: gzip member is truncated")
     if not need_end and produced < limit:
@@ -331,7 +335,7 @@ def _read_toc_tar(stream: bytes, max_toc_bytes: int) -> bytes:
     if typeflag not in (b"0", b"\0"):
         raise FormatError(f"TOC tar entry has type {typeflag!r}, not a regular file")
     if size > max_toc_bytes:
-        raise FormatError(f"TOC JSON is {size} bytes, more than the limit of {max_toc_bytes}")
+        raise LimitExceeded(f"TOC JSON is {size} bytes, more than the limit of {max_toc_bytes}")
     if start + size > len(stream):
         raise FormatError(f"TOC tar entry is truncated ({len(stream) - start} of {size} bytes)")
     return stream[start : start + size]
@@ -395,6 +399,9 @@ def read_chunk(compressed: bytes, chunk: Chunk, *, require_digest: bool = True) 
         raise FormatError(f"{where}: negative size or inner offset")
     if not chunk.digest and require_digest:
         raise FormatError(f"{where}: no digest to verify against")
+    if chunk.inner_offset + chunk.size > len(compressed) * MAX_DEFLATE_RATIO:
+        raise FormatError(f"{where}: {chunk.inner_offset + chunk.size} bytes cannot come "
+                          f"from {len(compressed)} compressed bytes")
     if chunk.size == 0:
         data = b""
     else:
@@ -465,26 +472,41 @@ async def open_layer(
     fetcher: BlobFetcher,
     expected_toc_digest: str | None,
     max_toc_bytes: int = DEFAULT_MAX_TOC_BYTES,
+    *,
+    limits: TocLimits | None = None,
 ) -> tuple[LayerIndex, bytes]:
     """Fetch, verify and index an eStargz layer; return ``(index, toc_json)``.
 
     With ``expected_toc_digest`` the TOC JSON must hash to it (DigestMismatch otherwise);
     with None the TOC is not verified (the caller decided that is allowed). Payload
-    ranges end at the TOC offset (see ``build_index``'s ``data_end``). Raises
-    FormatError for anything malformed; fetcher errors propagate unchanged.
+    ranges end at the TOC offset (see ``build_index``'s ``data_end``). ``limits``, when
+    given, sets every budget (its ``toc_bytes`` replaces ``max_toc_bytes``). Raises
+    FormatError for anything malformed (LimitExceeded for input over a budget); fetcher
+    errors propagate unchanged.
     """
-    blob_size, footer, toc_json = await fetch_toc(fetcher, max_toc_bytes)
-    return index_toc(toc_json, blob_size, footer.toc_offset, expected_toc_digest), toc_json
+    if limits is None:
+        limits = TocLimits(toc_bytes=max_toc_bytes)
+    blob_size, footer, toc_json = await fetch_toc(fetcher, limits.toc_bytes)
+    index = index_toc(toc_json, blob_size, footer.toc_offset, expected_toc_digest,
+                      limits=limits)
+    return index, toc_json
 
 
 def index_toc(
-    toc_json: bytes, blob_size: int, toc_offset: int, expected_toc_digest: str | None
+    toc_json: bytes, blob_size: int, toc_offset: int, expected_toc_digest: str | None,
+    *, limits: TocLimits | None = None,
 ) -> LayerIndex:
-    """Verify ``toc_json`` against ``expected_toc_digest`` (None: not verified) and index it.
+    """Verify ``toc_json`` against ``expected_toc_digest`` (None: not verified) and index it
+    within ``limits`` (default: ``TocLimits()``).
 
     ``toc_offset`` is where the TOC member starts in the blob (payload ranges end there).
-    Raises DigestMismatch or FormatError.
+    Raises DigestMismatch or FormatError (LimitExceeded for input over a budget).
     """
+    limits = TocLimits() if limits is None else limits
+    if len(toc_json) > limits.toc_bytes:
+        raise LimitExceeded(f"TOC JSON is {len(toc_json)} bytes, over the limit of "
+                            f"{limits.toc_bytes}")
     if expected_toc_digest is not None:
         verify_toc(toc_json, expected_toc_digest)
-    return build_index(toc_json, blob_size, data_end=toc_offset)
+    return build_index(toc_json, blob_size, data_end=toc_offset, max_entries=limits.entries,
+                       max_implicit_dirs=limits.implicit_dirs)

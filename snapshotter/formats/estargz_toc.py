@@ -20,16 +20,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from snapshotter.errdefs import FormatError
+from snapshotter.errdefs import FormatError, LimitExceeded
 from snapshotter.formats.index import MAX_NAME_BYTES
+from snapshotter.formats.limits import MAX_TOC_ENTRIES
 
-DEFAULT_MAX_ENTRIES = 1_000_000
+DEFAULT_MAX_ENTRIES = MAX_TOC_ENTRIES
 """Refuse TOCs with more entries than this (a real layer has at most tens of thousands)."""
 
 ENTRY_TYPES = frozenset({"dir", "reg", "symlink", "hardlink", "char", "block", "fifo", "chunk"})
 _INT64_MAX = (1 << 63) - 1
 _UINT32_MAX = (1 << 32) - 1
 _PATH_MAX = 4096
+_SPARE_ARRAYS = 64
 _XATTR_NAME_MAX = 255
 _XATTR_SIZE_MAX = 65536
 _DIGEST = re.compile(r"(sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128})")
@@ -423,11 +425,21 @@ class _TooManyObjects(Exception):
     """Internal: aborts JSON decoding early; never escapes this module."""
 
 
-def _load_json(json_bytes: bytes, max_objects: int) -> dict[str, Any]:
-    """Decode JSON, refusing NaN/Infinity and more than ``max_objects`` objects.
+def _load_json(json_bytes: bytes, max_objects: int, max_arrays: int) -> dict[str, Any]:
+    """Decode JSON, refusing NaN/Infinity, more than ``max_objects`` objects and more
+    than ``max_arrays`` arrays, with no more memory than a document within those counts.
 
-    Counting objects while decoding bounds memory before the entry count can be checked:
-    tiny entries (``{},``) would otherwise cost ~20 million dicts per 64 MiB of JSON.
+    ``json.loads`` builds the whole document before anything can look at it, so the
+    containers are bounded before it runs: every object starts with a ``{`` byte and
+    every array with a ``[`` (in any encoding ``json.loads`` accepts), and counting bytes
+    costs about 1 ms per 10 MiB. An input with more ``[`` bytes than ``max_arrays`` is
+    refused outright (64 MiB of ``[],`` would otherwise be 21 million lists: 10 s and
+    1.6 GB); one with more ``{`` bytes than ``max_objects`` (braces inside names count
+    too) is decoded with a hook that counts the real objects and stops at the limit.
+    Scalars need no count: each costs at most a few tens of bytes per byte of input, and
+    the input is at most ``max_toc_bytes``. Nesting deeper than the interpreter's
+    recursion limit is a FormatError (``RecursionError`` from the decoder), and so are
+    integers of more than 4,300 digits (``ValueError``).
     """
     objects = 0
 
@@ -441,16 +453,18 @@ def _load_json(json_bytes: bytes, max_objects: int) -> dict[str, Any]:
     def reject_constant(name: str) -> None:
         raise ValueError(f"{name} is not valid JSON")
 
-    # Every object starts with a "{" byte (in any encoding json.loads accepts), so when
-    # there are few enough of those the count cannot exceed the limit: skip the hook.
-    braces = (
-        json_bytes.count(b"{") if isinstance(json_bytes, bytes | bytearray) else max_objects + 1
-    )
-    hook = None if braces <= max_objects else count_object
+    if not isinstance(json_bytes, bytes | bytearray):
+        raise FormatError("TOC JSON must be bytes")
+    brackets = json_bytes.count(b"[")
+    if brackets > max_arrays:
+        raise LimitExceeded(
+            f"TOC has {brackets} '[' bytes, more than the {max_arrays} JSON arrays a TOC "
+            f"within the entry limit may hold")
+    hook = None if json_bytes.count(b"{") <= max_objects else count_object
     try:
         doc = json.loads(json_bytes, parse_constant=reject_constant, object_hook=hook)
     except _TooManyObjects:
-        raise FormatError(f"TOC has more than {max_objects} JSON objects") from None
+        raise LimitExceeded(f"TOC has more than {max_objects} JSON objects") from None
     except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError
         raise FormatError(f"TOC is not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(doc, dict):
@@ -476,8 +490,9 @@ def parse_toc(
     (protocol-reference §4.3). Raises FormatError for bad JSON, a wrong version, more
     than ``max_entries`` entries, or any malformed entry.
     """
-    # Each entry is one object, plus one for its xattrs, plus the document itself.
-    doc = _load_json(json_bytes, 2 * max_entries + 1)
+    # Each entry is one object, plus one for its xattrs, plus the document itself; the
+    # only array of a TOC is its entry list (a few more are tolerated: unknown keys).
+    doc = _load_json(json_bytes, 2 * max_entries + 1, max_entries + _SPARE_ARRAYS)
     version = doc.get("version")
     if isinstance(version, bool) or version != 1:
         raise FormatError(f"unsupported TOC version {str(version)[:20]!r} (want 1)")
@@ -487,7 +502,7 @@ def parse_toc(
     if not isinstance(raw_entries, list):
         raise FormatError("TOC 'entries' is not a list")
     if len(raw_entries) > max_entries:
-        raise FormatError(f"TOC has {len(raw_entries)} entries, over the limit {max_entries}")
+        raise LimitExceeded(f"TOC has {len(raw_entries)} entries, over the limit {max_entries}")
     end = blob_size if data_end is None else data_end
     if not 0 <= end <= blob_size:
         raise FormatError(f"data end {end} is outside the blob of {blob_size} bytes")

@@ -5,6 +5,14 @@ Rules (protocol-reference §3.4, §4.3, §4.4), applied in TOC order:
 * Names are normalised by ``estargz_toc.clean_name``; an entry named like the root
   (``./``) must be a ``dir`` and sets the root's metadata.
 * Missing parent directories are created implicitly (mode 0755, uid/gid 0, mtime 0).
+  They count against ``max_entries`` like named entries, and a TOC may imply at most
+  ``max_implicit_dirs`` more directories than it has entries: without that, entries
+  with distinct deep names (``d<i>/a/a/.../f``) make a 4 KB blob whose 2 MB TOC builds
+  a million directories (13 s and 2.6 GB). Real TOCs name their directories (tar
+  writers emit them), so they imply none or a few.
+* A payload must fit in its compressed range: ``innerOffset + size`` of a chunk is at
+  most ``MAX_DEFLATE_RATIO`` times its compressed range (deflate's ceiling), so no offset
+  or size can point past what the blob can hold.
 * A later entry with an existing name replaces the earlier one, as tar extraction does:
   ``dir`` over ``dir`` updates the metadata and keeps the children; anything over a
   non-directory replaces it (hard links made earlier keep the old inode); a
@@ -32,9 +40,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from snapshotter.errdefs import FormatError
+from snapshotter.errdefs import FormatError, LimitExceeded
 from snapshotter.formats.estargz_toc import DEFAULT_MAX_ENTRIES, TocEntry, parse_toc
 from snapshotter.formats.index import ROOT_INO, Chunk, LayerIndex, Node, NodeKind, check_name
+from snapshotter.formats.limits import MAX_IMPLICIT_DIRS
 
 TOC_TAR_NAME = "stargz.index.json"
 PREFETCH_LANDMARK = ".prefetch.landmark"
@@ -44,6 +53,10 @@ _WHITEOUT = ".wh."
 _WHITEOUT_META = ".wh..wh."
 _OPAQUE = ".wh..wh..opq"
 _HIDDEN_AT_ROOT = frozenset({TOC_TAR_NAME, PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK})
+DEFAULT_MAX_IMPLICIT_DIRS = MAX_IMPLICIT_DIRS
+"""Directories a TOC may imply beyond the entries it names (see the module docstring)."""
+MAX_DEFLATE_RATIO = 1032
+"""Deflate's largest expansion: one compressed byte never inflates to more than this."""
 _KINDS = {
     "reg": NodeKind.REG,
     "symlink": NodeKind.SYMLINK,
@@ -58,6 +71,7 @@ def build_index(
     blob_size: int,
     *,
     max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_implicit_dirs: int = DEFAULT_MAX_IMPLICIT_DIRS,
     data_end: int | None = None,
 ) -> LayerIndex:
     """Parse TOC JSON of a blob of ``blob_size`` bytes into a validated ``LayerIndex``.
@@ -72,16 +86,26 @@ def build_index(
     pass the footer's TOC offset to fetch only the payload.
 
     Raises FormatError for malformed JSON or entries (see ``estargz_toc.parse_toc``) and
-    for the structural errors listed in the module docstring.
+    for the structural errors listed in the module docstring; LimitExceeded (a
+    FormatError) when the TOC is over ``max_entries`` entries and implied directories or
+    implies more than ``max_implicit_dirs`` directories beyond its entries.
     """
     entries = parse_toc(json_bytes, blob_size, max_entries=max_entries, data_end=data_end)
-    return index_from_entries(entries, blob_size)
+    return index_from_entries(entries, blob_size, max_entries=max_entries,
+                              max_implicit_dirs=max_implicit_dirs)
 
 
-def index_from_entries(entries: list[TocEntry], blob_size: int) -> LayerIndex:
+def index_from_entries(
+    entries: list[TocEntry],
+    blob_size: int,
+    *,
+    max_entries: int = DEFAULT_MAX_ENTRIES,
+    max_implicit_dirs: int = DEFAULT_MAX_IMPLICIT_DIRS,
+) -> LayerIndex:
     """``build_index`` for entries already decoded by ``parse_toc`` (same rules, errors)."""
     extras = _chunk_groups(entries)
-    builder = _TreeBuilder(blob_size)
+    implicit = min(max_implicit_dirs + len(entries), max_entries) - len(entries)
+    builder = _TreeBuilder(blob_size, max(implicit, 0))
     add = builder.add
     if not extras:  # no chunk entries at all (the usual case)
         for entry in entries:
@@ -150,6 +174,7 @@ def make_chunks(entry: TocEntry, extra: list[TocEntry]) -> list[Chunk]:
                 f"chunk at {pos} has an empty compressed range "
                 f"[{part.offset}, {part.next_offset}) (offsets out of order?)",
             )
+        _check_fits(entry, pos, part.inner_offset + size, part.next_offset - part.offset)
         digest = part.chunk_digest or (entry.digest if len(parts) == 1 else "")
         chunks.append(_chunk(pos, size, part.offset, part.next_offset, part.inner_offset,
                              digest))
@@ -186,6 +211,16 @@ def _chunk(file_offset: int, size: int, blob_offset: int, blob_end: int, inner_o
     return chunk
 
 
+def _check_fits(entry: TocEntry, pos: int, needed: int, compressed: int) -> None:
+    """Raise FormatError unless ``needed`` uncompressed bytes (inner offset plus chunk
+    size) can come out of ``compressed`` bytes of deflate data."""
+    if needed > compressed * MAX_DEFLATE_RATIO:
+        raise _chunk_error(
+            entry,
+            f"chunk at {pos} needs {needed} uncompressed bytes from a compressed range of "
+            f"{compressed} bytes (deflate inflates at most {MAX_DEFLATE_RATIO}x)")
+
+
 def _chunk_error(entry: TocEntry, message: str) -> FormatError:
     return FormatError(f"regular file {entry.name!r} (TOC entry #{entry.index}): {message}")
 
@@ -204,7 +239,14 @@ def _is_meta(name: str) -> bool:
 
 @dataclass(slots=True)
 class _TreeBuilder:
+    """The tree under construction. ``dirs`` caches directory inodes by path: the parent
+    of each entry (a prefix of its name, so the cache is no bigger than the TOC) and
+    every named directory; implicit directories between them are found by walking
+    ``children`` from the root, so no prefix string is kept per implied directory."""
+
     blob_size: int
+    implicit_allowed: int
+    implicit_left: int = 0
     nodes: dict[int, Node] = field(default_factory=dict)
     dirs: dict[str, int] = field(default_factory=dict)
     next_ino: int = ROOT_INO + 1
@@ -215,6 +257,7 @@ class _TreeBuilder:
     no_prefetch: bool = False
 
     def __post_init__(self) -> None:
+        self.implicit_left = self.implicit_allowed
         self.nodes[ROOT_INO] = Node(ROOT_INO, NodeKind.DIR, 0o755, parent=ROOT_INO)
         self.dirs[""] = ROOT_INO
 
@@ -264,6 +307,8 @@ class _TreeBuilder:
                 and (not entry.chunk_size or entry.chunk_size == size)
                 and (offset or entry.inner_offset)
                 and offset < entry.next_offset
+                and entry.inner_offset + size
+                <= (entry.next_offset - offset) * MAX_DEFLATE_RATIO
             ):  # one chunk that make_chunks would accept: skip its checks and loop
                 file_chunks = [_chunk(0, size, offset, entry.next_offset, entry.inner_offset,
                                       entry.chunk_digest or entry.digest)]
@@ -321,27 +366,54 @@ class _TreeBuilder:
             self.no_prefetch = True
 
     def _ensure_dir(self, path: str, entry: TocEntry) -> int:
-        """The inode of directory ``path``, creating missing directories on the way."""
+        """The inode of directory ``path``, creating missing directories on the way.
+
+        Raises FormatError when a component is not a directory, LimitExceeded when the
+        TOC implies more directories than allowed."""
         found = self.dirs.get(path)
         if found is not None:
             return found
-        cur, prefix = ROOT_INO, ""
-        for comp in path.split("/"):
-            prefix = f"{prefix}/{comp}" if prefix else comp
-            known = self.dirs.get(prefix)
-            if known is not None:
-                cur = known
-                continue
-            if comp in self.nodes[cur].children:
+        nodes = self.nodes
+        cur = ROOT_INO
+        for depth, comp in enumerate(path.split("/"), 1):
+            child = nodes[cur].children.get(comp)
+            if child is None:
+                if self.implicit_left <= 0:
+                    raise LimitExceeded(
+                        f"TOC entry #{entry.index} ({entry.name[:80]!r}): the TOC implies "
+                        f"more directories than it may ({self.implicit_allowed}: the "
+                        f"implied-directory and entry limits)")
+                self.implicit_left -= 1
+                node = self._new(NodeKind.DIR, None, cur)
+                nodes[cur].children[comp] = child = node.ino
+            elif nodes[child].kind is not NodeKind.DIR:
+                prefix = "/".join(path.split("/")[:depth])
                 raise _fail(entry, f"parent {prefix!r} is not a directory")
-            node = self._new(NodeKind.DIR, None, cur)
-            self.nodes[cur].children[comp] = node.ino
-            self.dirs[prefix] = cur = node.ino
+            cur = child
+        self.dirs[path] = cur
+        return cur
+
+    def _find_dir(self, path: str) -> int | None:
+        """The inode of existing directory ``path`` (None if there is none); no creation."""
+        found = self.dirs.get(path)
+        if found is not None or not path:
+            return found
+        nodes = self.nodes
+        cur = ROOT_INO
+        for comp in path.split("/"):
+            child = nodes[cur].children.get(comp)
+            if child is None or nodes[child].kind is not NodeKind.DIR:
+                return None
+            cur = child
         return cur
 
     def _add_dir(self, entry: TocEntry, parent: int, parent_path: str, base: str) -> None:
-        path = f"{parent_path}/{base}" if parent_path else base
+        path = entry.name
         existing = self.dirs.get(path)
+        if existing is None:
+            child = self.nodes[parent].children.get(base)
+            if child is not None and self.nodes[child].kind is NodeKind.DIR:
+                existing = self.dirs[path] = child
         if existing is not None:
             self._set_dir_meta(self.nodes[existing], entry)
             return
@@ -363,7 +435,7 @@ class _TreeBuilder:
 
     def _hardlink_target(self, entry: TocEntry) -> int:
         parent_path, _, base = entry.link_name.rpartition("/")
-        parent = self.dirs.get(parent_path)
+        parent = self._find_dir(parent_path)
         target = None if parent is None else self.nodes[parent].children.get(base)
         if target is None or not entry.link_name:
             raise _fail(entry, f"hardlink target {entry.link_name!r} does not exist")

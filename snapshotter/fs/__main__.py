@@ -145,6 +145,26 @@ async def _run(
     await daemon.run()
 
 
+def limit_memory(limit_bytes: int) -> None:
+    """Cap this process's data memory (``RLIMIT_DATA``: heap and other private writable
+    mappings, not the shared libraries or the address space thread arenas only reserve)
+    at ``limit_bytes`` (0: leave it). Past it allocations fail: a layer whose index needs
+    more is refused with ``resource_limit`` while the other layers keep serving, and the
+    node's memory is safe from one hostile layer. A hard limit lower than the one asked
+    for wins; a limit the kernel refuses is logged and left."""
+    if limit_bytes <= 0:
+        return
+    import resource
+
+    _soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY and hard < limit_bytes:
+        limit_bytes = hard
+    try:
+        resource.setrlimit(resource.RLIMIT_DATA, (limit_bytes, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("cannot limit the daemon's memory to %d bytes: %s", limit_bytes, exc)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import_runtime()  # first: before anything imports aiohttp
     import asyncio
@@ -167,6 +187,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     with contextlib.suppress(PermissionError):
         os.setsid()  # EPERM: already a session (or group) leader, as the manager starts us
+    limit_memory(config.memory_limit_bytes)
     gc.freeze()  # the imported modules live as long as the daemon: out of the collector's way
     try:
         asyncio.run(_run(args, config, source, counters))

@@ -9,8 +9,10 @@ of ``spec.ref``), adds the layer to the FUSE operations, prefetches
 (``fetchpolicy``), marks the layer ready, then fetches the rest in the background when
 asked. A layer that cannot be opened is not served; its ``error`` reads
 ``<reason>: <detail>`` with reason one of ``no_toc_digest``, ``digest_mismatch``,
-``format_error``, ``blob_not_found``, ``registry_auth``, ``registry_unavailable``,
-``registry_error``, ``invalid_layer``, ``internal``.
+``limit_exceeded`` (the index is over a parsing budget), ``format_error``,
+``blob_not_found``, ``registry_auth``, ``registry_unavailable``, ``registry_error``,
+``invalid_layer``, ``resource_limit`` (the daemon ran out of its memory limit while
+opening it: the layer is refused, the daemon's other layers keep serving), ``internal``.
 
 ``Daemon.run`` is the process: mount FUSE (``fsname=lazysnap``, ``subtype=lazysnap``,
 ``ro``, ``default_permissions``, ``allow_other`` unless configured off), widen the mount's
@@ -44,6 +46,7 @@ from snapshotter.errdefs import (
     FailedPrecondition,
     FormatError,
     InvalidArgument,
+    LimitExceeded,
     NotFound,
     RegistryAuthError,
     RegistryError,
@@ -52,6 +55,7 @@ from snapshotter.errdefs import (
     Unavailable,
 )
 from snapshotter.formats.index import LayerIndex
+from snapshotter.formats.limits import TocLimits
 from snapshotter.fs.activity import Activity
 from snapshotter.fs.control import (
     ControlServer,
@@ -92,11 +96,18 @@ class BlobSource(Protocol):
     async def aclose(self) -> None: ...
 
 
-def default_openers() -> dict[str, LayerOpener]:
-    """Index readers by ``LayerSpec.format`` (eStargz, and nydus RAFS v5/v6 bootstraps)."""
+def default_openers(limits: TocLimits | None = None) -> dict[str, LayerOpener]:
+    """Index readers by ``LayerSpec.format`` (eStargz within ``limits``, default
+    ``TocLimits()``, and nydus RAFS v5/v6 bootstraps)."""
     from snapshotter.formats import estargz
 
-    openers: dict[str, LayerOpener] = {"estargz": estargz.open_layer}
+    budget = TocLimits() if limits is None else limits
+
+    async def open_estargz(fetcher: BlobFetcher, digest: str | None) -> tuple[LayerIndex,
+                                                                             bytes]:
+        return await estargz.open_layer(fetcher, digest, limits=budget)
+
+    openers: dict[str, LayerOpener] = {"estargz": open_estargz}
     openers.update(dict.fromkeys(RAFS_FORMATS, _open_rafs))
     return openers
 
@@ -124,7 +135,7 @@ class LayerLog(logging.LoggerAdapter[logging.Logger]):
 _CONFIG_KEYS = {
     "version", "cache_dir", "cache_limit_bytes", "cache_fsync", "registry", "entry_timeout",
     "attr_timeout", "log_level", "allow_other", "fuse_max_tasks", "layers", "read_ahead_kib",
-    "fuse_spin_us",
+    "fuse_spin_us", "memory_limit_bytes", "toc_limits",
 }
 DEFAULT_READ_AHEAD_KIB = 4096
 
@@ -145,6 +156,8 @@ class DaemonConfig:
     fuse_max_tasks: int = 64
     read_ahead_kib: int = DEFAULT_READ_AHEAD_KIB
     fuse_spin_us: int = 0
+    memory_limit_bytes: int = 0
+    toc_limits: TocLimits = field(default_factory=TocLimits)
 
     @classmethod
     def from_json(cls, raw: object, mode: str) -> DaemonConfig:
@@ -158,7 +171,9 @@ class DaemonConfig:
         ``fuse_max_tasks`` (64), ``read_ahead_kib`` (the kernel's read-ahead window on
         the mount, KiB, ``DEFAULT_READ_AHEAD_KIB``; 0 keeps the kernel's 128 KiB; see
         ``snapshotter.fs.kernel``), ``fuse_spin_us`` (0: how long the FUSE session polls
-        for the next request before it sleeps; see ``snapshotter.fs.fusesession``).
+        for the next request before it sleeps; see ``snapshotter.fs.fusesession``),
+        ``memory_limit_bytes`` (0: the process's data-memory limit, applied by the entry
+        point), ``toc_limits`` (object, ``TocLimits.to_json``: the TOC parsing budgets).
         Unknown keys are errors.
         """
         if not isinstance(raw, dict):
@@ -183,13 +198,17 @@ class DaemonConfig:
                 fuse_max_tasks=_get(raw, "fuse_max_tasks", int, 64),
                 read_ahead_kib=_get(raw, "read_ahead_kib", int, DEFAULT_READ_AHEAD_KIB),
                 fuse_spin_us=_get(raw, "fuse_spin_us", int, 0),
+                memory_limit_bytes=_get(raw, "memory_limit_bytes", int, 0),
+                toc_limits=TocLimits.from_json(_get(raw, "toc_limits", dict, {})),
             )
         except InvalidArgument as exc:
             raise ConfigError(f"bad layer in daemon config: {exc}") from None
         if config.cache_limit_bytes <= 0 or config.fuse_max_tasks <= 0:
             raise ConfigError("cache_limit_bytes and fuse_max_tasks must be positive")
-        if config.read_ahead_kib < 0 or config.fuse_spin_us < 0:
-            raise ConfigError("read_ahead_kib and fuse_spin_us must be >= 0")
+        if config.read_ahead_kib < 0 or config.fuse_spin_us < 0 \
+                or config.memory_limit_bytes < 0:
+            raise ConfigError("read_ahead_kib, fuse_spin_us and memory_limit_bytes must be "
+                              ">= 0")
         if config.log_level not in logging.getLevelNamesMapping():
             raise ConfigError(f"unknown log level {config.log_level!r}")
         if mode == "dedicated" and len(config.layers) != 1:
@@ -237,12 +256,14 @@ def failure_reason(exc: BaseException) -> str:
     table: tuple[tuple[type[BaseException], str], ...] = (
         (NoTocDigest, "no_toc_digest"),
         (DigestMismatch, "digest_mismatch"),
+        (LimitExceeded, "limit_exceeded"),
         (FormatError, "format_error"),
         (BlobNotFound, "blob_not_found"),
         (RegistryAuthError, "registry_auth"),
         (RegistryUnavailable, "registry_unavailable"),
         (RegistryError, "registry_error"),
         (InvalidArgument, "invalid_layer"),
+        (MemoryError, "resource_limit"),
     )
     for kind, reason in table:
         if isinstance(exc, kind):
@@ -268,8 +289,10 @@ class LayerManager:
         source: BlobSource,
         openers: Mapping[str, LayerOpener] | None = None,
         counters: DaemonCounters | None = None,
+        limits: TocLimits | None = None,
     ) -> None:
         self.mode = mode
+        self._limits = TocLimits() if limits is None else limits
         self.mountpoint = mountpoint
         self.counters = counters if counters is not None else DaemonCounters()
         self.state = "starting"
@@ -277,7 +300,8 @@ class LayerManager:
         self._ops = ops
         self._cache = cache
         self._source = source
-        self._openers = dict(openers) if openers is not None else default_openers()
+        self._openers = dict(openers) if openers is not None else default_openers(
+            self._limits)
         self._layers: dict[int, _Layer] = {}
         self._activities: dict[str | None, Activity] = {}
 
@@ -408,7 +432,7 @@ class LayerManager:
         spec = layer.spec
         if spec.toc_digest is None and not spec.skip_verify:
             raise NoTocDigest("no TOC digest given and verification may not be skipped")
-        index = self._local_toc(layer)
+        index = await asyncio.to_thread(self._local_toc, layer)
         if index is not None:
             layer.fetcher = await self._source.open_blob(spec.ref, spec.digest, spec.blob_size)
         elif spec.bootstrap is not None:
@@ -473,7 +497,9 @@ class LayerManager:
             with open(spec.toc_file, "rb") as f:
                 toc_json = f.read()
             return estargz.index_toc(toc_json, spec.blob_size, spec.toc_offset,
-                                     spec.toc_digest)
+                                     spec.toc_digest, limits=self._limits)
+        except LimitExceeded:
+            raise  # fetching it again gives the same TOC: refuse the layer now
         except (OSError, FormatError, DigestMismatch) as exc:
             layer.log.warning("TOC file %s not used (%s); fetching the TOC", spec.toc_file, exc)
             return None
@@ -556,6 +582,7 @@ class Daemon:
         self.manager = LayerManager(
             mode=mode, mountpoint=mountpoint, ops=self._ops, cache=self._cache,
             source=source, openers=openers, counters=self.counters,
+            limits=config.toc_limits,
         )
         self._server = ControlServer(self.manager, control_path, sock=control_sock)
 

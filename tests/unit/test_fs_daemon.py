@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from daemon_manager.manager import daemon_config
+from snapshotter.config import Config
 from snapshotter.errdefs import (
     BlobNotFound,
     ConfigError,
     DigestMismatch,
     FormatError,
+    LimitExceeded,
     RegistryAuthError,
     RegistryTimeout,
 )
+from snapshotter.formats.limits import TocLimits
 from snapshotter.fs.__main__ import main
 from snapshotter.fs.daemon import (
     DEFAULT_READ_AHEAD_KIB,
@@ -79,6 +85,34 @@ def test_failure_reasons() -> None:
     assert failure_reason(RegistryAuthError("x")) == "registry_auth"
     assert failure_reason(RegistryTimeout("x")) == "registry_unavailable"
     assert failure_reason(ValueError("x")) == "internal"
+    assert failure_reason(LimitExceeded("x")) == "limit_exceeded"
+    assert failure_reason(MemoryError()) == "resource_limit"
+
+
+def test_the_daemon_gets_the_parsing_budgets_and_memory_limit_of_the_config() -> None:
+    cfg = Config()
+    raw = daemon_config(cfg, [])
+    parsed = DaemonConfig.from_json({**raw, "cache_dir": "/c"}, "shared")
+    assert parsed.toc_limits == cfg.toc_limits() == TocLimits()
+    assert parsed.memory_limit_bytes == cfg.daemon.memory_limit > 0
+    bare = DaemonConfig.from_json({"cache_dir": "/c", "cache_limit_bytes": 1}, "shared")
+    assert (bare.toc_limits, bare.memory_limit_bytes) == (TocLimits(), 0)
+    for bad in ({"toc_limits": {"entries": -1}}, {"toc_limits": {"surprise": 1}},
+                {"memory_limit_bytes": -1}):
+        with pytest.raises(ConfigError):
+            DaemonConfig.from_json({"cache_dir": "/c", "cache_limit_bytes": 1, **bad},
+                                   "shared")
+
+
+def test_the_memory_limit_makes_a_big_allocation_fail_in_the_daemon_process() -> None:
+    code = ("from snapshotter.fs.__main__ import limit_memory\n"
+            "limit_memory(256 << 20)\n"
+            "try:\n    bytearray(512 << 20)\nexcept MemoryError:\n    print('refused')\n"
+            "else:\n    print('allowed')\n"
+            "print(len(bytearray(16 << 20)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == ["refused", str(16 << 20)]
 
 
 def test_cli_rejects_a_bad_config_file(tmp_path: Path) -> None:

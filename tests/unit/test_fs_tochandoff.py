@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from snapshotter.cache.chunkcache import ChunkCache
-from snapshotter.errdefs import InvalidArgument
+from snapshotter.errdefs import DaemonError, InvalidArgument
 from snapshotter.formats import estargz
+from snapshotter.formats.limits import TocLimits
 from snapshotter.fs.control import LayerSpec
 from snapshotter.fs.daemon import LayerManager
 from snapshotter.fs.ops import LayerOperations
@@ -104,3 +105,26 @@ def test_a_toc_file_needs_the_blob_geometry() -> None:
                 {"toc_offset": len(built.blob)}, {"format": "rafs-v6"}):
         with pytest.raises(InvalidArgument):
             LayerSpec.from_json({**base, **bad})
+
+
+@pytest.mark.parametrize("with_file", [True, False])
+async def test_a_toc_over_the_daemons_limits_is_refused_with_its_reason(
+        tmp_path: Path, with_file: bool) -> None:
+    built = ew.build_estargz([ew.reg(f"d{i}/a/b/c/f", b"x") for i in range(10)])
+    toc_offset = estargz.parse_footer(built.blob[-estargz.FOOTER_MAX:]).toc_offset
+    toc_file = tmp_path / "1.json"
+    toc_file.write_bytes(built.toc_json)
+    source = Source(built.blob)
+    manager = LayerManager(mode="dedicated", mountpoint=str(tmp_path / "mnt"),
+                           ops=LayerOperations(shared=False),
+                           cache=ChunkCache(tmp_path / "cache", 1 << 24), source=source,
+                           limits=TocLimits(implicit_dirs=20))  # the layer implies 40
+    try:
+        await manager.add_layer(spec_for(built, toc_offset, toc_file if with_file else None))
+        with pytest.raises(DaemonError, match=r"^limit_exceeded: .*implies more directories"):
+            await manager.wait_ready(1, 30)
+        if with_file:  # the same TOC is not fetched again to be refused twice
+            assert all((toc_offset, len(built.blob) - estargz.FOOTER_MAX) not in call
+                       for call in source.fetcher.calls)
+    finally:
+        await manager.aclose()
