@@ -16,8 +16,18 @@ block, no size prefix: nydus calls ``lz4::block::compress`` with ``prepend_size 
   chunk larger than ``MAX_CHUNK_SIZE``, or a codec whose Python package (``zstandard``,
   ``lz4``, ``blake3``) is not installed.
 
-Every decompression is bounded by the expected size (plus one byte to detect overruns),
-so hostile data cannot make it allocate more.
+Bounds (hostile blobs decide every byte given here):
+
+* the declared uncompressed size is checked against ``MAX_CHUNK_SIZE`` (nydus
+  ``RAFS_MAX_CHUNK_SIZE``, 16 MiB) before anything is allocated, and the compressed input
+  against ``MAX_COMPRESSED_SIZE``;
+* every decompression is bounded by the expected size plus one byte (to detect
+  overruns): gzip through ``max_length``, zstd through a bounded streaming read with the
+  decoder's window capped at ``MAX_ZSTD_WINDOW`` (a frame header declaring a huge content
+  size or window is refused by libzstd, never allocated), lz4 into a buffer of exactly
+  the declared size (the block decoder fails rather than write past it);
+* whatever a codec library raises for bad input (``zlib.error``, ``ZstdError``,
+  ``LZ4BlockError``, ``ValueError``, ``OverflowError``, ``MemoryError``) becomes FormatError.
 """
 
 from __future__ import annotations
@@ -38,7 +48,20 @@ from snapshotter.formats.index import Chunk
 COMPRESSIONS = ("none", "lz4_block", "zstd", "gzip")
 DIGEST_ALGORITHMS = ("sha256", "blake3")
 MAX_CHUNK_SIZE = 16 << 20  # nydus RAFS_MAX_CHUNK_SIZE
+# The compressed form of a chunk: incompressible data grows by well under 1% in every
+# codec (lz4: n/255 + 16), so twice the largest chunk is a generous ceiling; it matches
+# ``rafs.MAX_COMPRESSED_CHUNK``, the largest range a bootstrap may declare.
+MAX_COMPRESSED_SIZE = 2 * MAX_CHUNK_SIZE
+# Largest zstd window the decoder accepts. A frame for a chunk of at most 16 MiB needs a
+# window of at most 16 MiB (nydus compresses whole chunks with a known size, so libzstd
+# shrinks the window to it); twice that leaves room for other encoders while keeping
+# libzstd's allocation well below its default 128 MiB limit.
+MAX_ZSTD_WINDOW = 2 * MAX_CHUNK_SIZE
+# Exceptions the codec libraries raise for malformed or hostile input (mapped to FormatError).
+_CODEC_ERRORS: tuple[type[BaseException], ...] = (zlib.error, ValueError, OverflowError,
+                                                  MemoryError, EOFError)
 
+_ZSTD_READ = 1 << 20  # bytes asked of the zstd reader at a time
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PACKAGES = {"zstandard": "zstd", "lz4.block": "lz4_block", "blake3": "blake3"}
 
@@ -54,6 +77,7 @@ def _module(name: str) -> ModuleType:
 
 
 def _check_size(size: int) -> None:
+    """FormatError unless ``0 <= size <= MAX_CHUNK_SIZE`` (checked before any allocation)."""
     if not 0 <= size <= MAX_CHUNK_SIZE:
         raise FormatError(f"chunk size {size} outside 0..{MAX_CHUNK_SIZE}")
 
@@ -67,23 +91,26 @@ def _exact(out: bytes, size: int, what: str) -> bytes:
 
 
 def _zstd(data: bytes, size: int) -> bytes:
+    """One zstd frame holding exactly ``size`` bytes; output never exceeds ``size + 1``."""
     zstd: Any = _module("zstandard")
-    reader = zstd.ZstdDecompressor().stream_reader(io.BytesIO(data), read_across_frames=False)
     parts: list[bytes] = []
     got = 0
     try:
+        decompressor = zstd.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
+        reader = decompressor.stream_reader(io.BytesIO(data), read_across_frames=False)
         while got <= size:
-            part = reader.read(size + 1 - got)
+            part = reader.read(min(size + 1 - got, _ZSTD_READ))
             if not part:
                 break
             parts.append(part)
             got += len(part)
-    except zstd.ZstdError as exc:
+    except (zstd.ZstdError, *_CODEC_ERRORS) as exc:
         raise FormatError(f"corrupt zstd chunk: {exc}") from None
     return _exact(b"".join(parts), size, "zstd")
 
 
 def _lz4(data: bytes, size: int) -> bytes:
+    """A raw LZ4 block of exactly ``size`` bytes, decoded into a ``size``-byte buffer."""
     block: Any = _module("lz4.block")
     if size == 0:
         if data:
@@ -91,16 +118,16 @@ def _lz4(data: bytes, size: int) -> bytes:
         return b""
     try:
         out = block.decompress(data, uncompressed_size=size)
-    except block.LZ4BlockError as exc:
+    except (block.LZ4BlockError, *_CODEC_ERRORS) as exc:
         raise FormatError(f"corrupt lz4_block chunk: {exc}") from None
     return _exact(bytes(out), size, "lz4_block")
 
 
 def _gzip(data: bytes, size: int) -> bytes:
-    inflater = zlib.decompressobj(wbits=31)
+    """One gzip stream of exactly ``size`` bytes, inflated with ``max_length = size + 1``."""
     try:
-        out = inflater.decompress(data, size + 1)
-    except zlib.error as exc:
+        out = zlib.decompressobj(wbits=31).decompress(data, size + 1)
+    except _CODEC_ERRORS as exc:
         raise FormatError(f"corrupt gzip chunk: {exc}") from None
     return _exact(out, size, "gzip")
 
@@ -116,12 +143,17 @@ _DECOMPRESSORS: dict[str, Callable[[bytes, int], bytes]] = {
 def decompress(data: bytes, compression: str, size: int) -> bytes:
     """Return the ``size`` uncompressed bytes held by ``data`` (one whole chunk).
 
-    Raises FormatError for an unknown compression, corrupt data, or output of another size.
+    Raises FormatError for a ``size`` outside ``0..MAX_CHUNK_SIZE`` or compressed ``data``
+    longer than ``MAX_COMPRESSED_SIZE`` (both before any decoding), an unknown compression,
+    corrupt data, or output of another size.
     """
     _check_size(size)
     fn = _DECOMPRESSORS.get(compression)
     if fn is None:
         raise FormatError(f"unsupported chunk compression {compression!r}")
+    if compression != "none" and len(data) > MAX_COMPRESSED_SIZE:
+        raise FormatError(f"compressed chunk of {len(data)} bytes is over "
+                          f"{MAX_COMPRESSED_SIZE}")
     return fn(bytes(data), size)
 
 
@@ -159,9 +191,9 @@ def decode_chunk(data: bytes, chunk: Chunk) -> bytes:
     """
     if chunk.inner_offset < 0:
         raise FormatError("negative inner offset")
+    _check_size(chunk.size)
     if chunk.compression == "none":
         out = bytes(data[chunk.inner_offset : chunk.inner_offset + chunk.size])
-        _check_size(chunk.size)
         _exact(out, chunk.size, "uncompressed")
     else:
         out = decompress(data, chunk.compression, chunk.inner_offset + chunk.size)

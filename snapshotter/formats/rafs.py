@@ -29,6 +29,13 @@ nodes into the overlay presentation the FUSE daemon serves:
   left out.
 
 Every parser here raises only FormatError (never IndexError, struct.error, ...).
+
+Bounds shared by both versions: chunk sizes are powers of two in 4 KiB..16 MiB
+(``MAX_CHUNK_SIZE``, nydus ``RAFS_MAX_CHUNK_SIZE``), a chunk's compressed size is at
+most ``MAX_COMPRESSED_CHUNK``, symlink targets at most ``MAX_SYMLINK`` bytes, and the
+tree at most ``MAX_DEPTH`` directories deep (checked iteratively by ``TreeBuilder``;
+nothing here recurses). Everything else a bootstrap declares is checked against its
+length by the version modules before it drives a loop or an allocation.
 """
 
 from __future__ import annotations
@@ -37,8 +44,8 @@ import struct
 from collections import deque
 from dataclasses import dataclass, field
 
-from snapshotter.errdefs import FormatError
-from snapshotter.formats import detect
+from snapshotter.errdefs import FormatError, LimitExceeded
+from snapshotter.formats import detect, erofs
 from snapshotter.formats.index import (
     ROOT_INO,
     Chunk,
@@ -101,6 +108,8 @@ CHUNK_HAS_CRC32 = 0x10
 MIN_CHUNK_SIZE = 0x1000
 MAX_CHUNK_SIZE = 16 << 20  # RAFS_MAX_CHUNK_SIZE
 MAX_COMPRESSED_CHUNK = 2 * MAX_CHUNK_SIZE  # incompressible data grows a little, never 2x
+MAX_SYMLINK = erofs.MAX_SYMLINK  # longest symlink target (Linux: below PATH_MAX)
+MAX_DEPTH = erofs.MAX_DEPTH  # deepest directory nesting (root: depth 0)
 CHUNK_INFO = struct.Struct("<32sIIIIQQQII")  # RafsV5ChunkInfo, 80 bytes
 OPAQUE_XATTR = "trusted.overlay.opaque"
 _WHITEOUT = b".wh."
@@ -272,7 +281,9 @@ class TreeBuilder:
     """Collects nodes and names, then applies the rules in the module docstring.
 
     ``add`` and ``link`` raise FormatError for a duplicate inode number, an invalid name
-    or a name listed twice in one directory.
+    or a name listed twice in one directory; ``finish`` raises LimitExceeded (a
+    FormatError) for a tree deeper than ``MAX_DEPTH``. Every pass is iterative and linear
+    in the number of names.
     """
 
     format: str
@@ -346,14 +357,19 @@ class TreeBuilder:
         return counts
 
     def _reachable(self) -> set[int]:
+        """Inodes reachable from the root, breadth first; LimitExceeded past ``MAX_DEPTH``."""
         seen = {ROOT_INO}
-        queue = deque([ROOT_INO])
+        queue = deque([(ROOT_INO, 0)])
         while queue:
-            for child in self.nodes[queue.popleft()].children.values():
+            ino, depth = queue.popleft()
+            for child in self.nodes[ino].children.values():
                 if child not in seen:
                     seen.add(child)
                     if self.nodes[child].kind is NodeKind.DIR:
-                        queue.append(child)
+                        if depth + 1 > MAX_DEPTH:
+                            raise LimitExceeded(f"directory inode {child} is nested deeper "
+                                              f"than {MAX_DEPTH} levels")
+                        queue.append((child, depth + 1))
         return seen
 
     def _count_links(self) -> None:
@@ -394,8 +410,9 @@ def build_index(bootstrap: bytes) -> LayerIndex:
     """Parse a whole RAFS v5 or v6 bootstrap into a validated ``LayerIndex``.
 
     Raises FormatError for anything that is not a well-formed bootstrap: wrong magic,
-    truncation, offsets or counts past the end, directory cycles, invalid names,
-    unsupported features (encrypted, batch, zran, hole chunks, tarfs).
+    truncation, offsets or counts past the end, directory cycles, trees deeper than
+    ``MAX_DEPTH``, invalid names, unsupported features (encrypted, batch, zran, hole
+    chunks, tarfs). Time and memory are linear in ``len(bootstrap)``.
     """
     from snapshotter.formats import rafs_v5, rafs_v6  # version modules import this one
 

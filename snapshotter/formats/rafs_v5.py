@@ -14,9 +14,19 @@ i_child_index + i_child_count - 1``; a hard link is a separate record carrying t
 ``build_index`` raises FormatError for a malformed bootstrap; in particular an
 inode-table index reached twice (a directory cycle or overlapping child ranges), a
 directory reached under two names, records or tables past the end, names longer than
-255 bytes, chunk lists that do not tile the file (hole files are not supported), and
-total work beyond what the bootstrap's size allows. Memory and time are linear in
-the bootstrap's size.
+255 bytes, symlink targets longer than ``rafs.MAX_SYMLINK``, trees deeper than
+``rafs.MAX_DEPTH``, chunk lists that do not tile the file (hole files are not
+supported), and total work beyond what the bootstrap's size allows.
+
+Bounds: every table's size (entries times record size) is checked against the
+bootstrap by ``parse_superblock`` before it is read; a directory's child range must lie
+in the inode table before it is walked, and every table index is visited at most once
+(so neither a cycle nor a huge ``i_child_count`` can loop); a file's chunk count must
+equal ``ceil(size / chunk size)`` and its chunk infos lie in the bootstrap before any is
+decoded; every record, name, symlink target, xattr table and chunk-info list is charged
+to a budget of twice the bootstrap's size before it is decoded, so records that overlap
+cannot multiply the work. Hard links are separate records (each charged), and a second
+name for an inode only links it. Memory and time are linear in the bootstrap's size.
 """
 
 from __future__ import annotations
@@ -25,7 +35,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-from snapshotter.errdefs import FormatError
+from snapshotter.errdefs import FormatError, LimitExceeded
 from snapshotter.formats import rafs
 from snapshotter.formats.index import ROOT_INO, Chunk, LayerIndex, Node, NodeKind
 from snapshotter.formats.rafs import BlobInfo, check_range, ints, unpack
@@ -212,11 +222,12 @@ class _Reader:
         self.table = struct.unpack_from(f"<{n}I", boot, off)
 
     def charge(self, nbytes: int, what: str) -> None:
-        """Spend ``nbytes`` of the budget; FormatError once records overlap too much."""
+        """Spend ``nbytes`` of the budget; LimitExceeded (a FormatError) once records
+        overlap too much."""
         self.budget -= nbytes
         if self.budget < 0:
-            raise FormatError(f"{what}: RAFS v5 records overlap beyond what the bootstrap "
-                              f"size allows")
+            raise LimitExceeded(f"{what}: RAFS v5 records overlap beyond what the "
+                                f"bootstrap size allows")
 
     def inode_at(self, index: int) -> Inode:
         """The inode record for inode-table index ``index`` (1-based)."""
@@ -301,6 +312,9 @@ class _Reader:
         if kind is NodeKind.SYMLINK:
             if inode.symlink_size == 0:
                 raise FormatError(f"{what}: symlink without a target")
+            if inode.symlink_size > rafs.MAX_SYMLINK:
+                raise FormatError(f"{what}: symlink target of {inode.symlink_size} bytes "
+                                  f"(at most {rafs.MAX_SYMLINK})")
             node.link_target = self.field(inode.symlink_offset, inode.symlink_size, what)
             node.size = len(node.link_target)
         elif kind in (NodeKind.CHAR, NodeKind.BLOCK):

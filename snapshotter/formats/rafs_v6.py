@@ -17,8 +17,16 @@ bootstrap.
 
 ``build_index`` raises FormatError for a superblock nydus would refuse (checksum, block
 size, features, table placement), blobs or chunks it cannot serve here (encrypted,
-batch, zran, tarfs, holes), a chunk missing from the chunk table, and every structural
-error ``erofs.walk`` reports (cycles, truncation, bad dirents).
+batch, zran, tarfs, holes), a chunk missing from the chunk table, a symlink target over
+``erofs.MAX_SYMLINK`` bytes, and every structural error ``erofs.walk`` reports (cycles,
+trees deeper than ``erofs.MAX_DEPTH``, truncation, bad dirents).
+
+Bounds: the tables are range-checked by the superblock checks before they are read
+(at most ``MAX_BLOBS`` blobs; the chunk table's entries are at most its size / 80). One
+``erofs.Budget`` of twice the bootstrap's size is charged with every inode, directory,
+symlink target, shared xattr entry and chunk-index table before it is decoded, so
+structures that overlap (which nydus-image never writes) cannot multiply the work: time
+and memory are linear in the bootstrap's size, whatever sizes and counts it declares.
 """
 
 from __future__ import annotations
@@ -196,27 +204,34 @@ def ino_of(nid: int, root_nid: int) -> int:
 
 
 class _Builder:
-    """Turns ``erofs.walk`` entries into index nodes; ``budget`` caps chunk indexes read."""
+    """Turns ``erofs.walk`` entries into index nodes.
+
+    ``budget`` (``erofs.Budget.for_image``) is shared by the walk and every decoder this
+    class calls; ``xattrs`` decodes each shared xattr entry once.
+    """
 
     def __init__(self, boot: bytes) -> None:
         self.boot = boot
         self.sb, self.ext = parse_superblocks(boot)
         self.blobs = parse_blob_table(boot, self.sb, self.ext)
         self.chunk_table = parse_chunk_table(boot, self.sb, self.ext)
-        self.budget = len(boot) // CHUNK_INDEX_SIZE
+        self.budget = erofs.Budget.for_image(boot)
+        self.xattrs = erofs.XattrCache(self.budget)
         self.tree = rafs.TreeBuilder(rafs.RAFS_V6)
 
     def chunks(self, inode: erofs.Inode, what: str) -> list[Chunk]:
-        """The file's chunks from its chunk indexes and the chunk table (FormatError if bad)."""
+        """The file's chunks from its chunk indexes and the chunk table (FormatError if bad).
+
+        The count comes from the size and the RAFS chunk size; the index table must lie
+        in the bootstrap and is charged to the budget before it is decoded.
+        """
         if inode.size == 0:
             return []
         chunk_size = self.ext.chunk_size
         count = -(-inode.size // chunk_size)
-        self.budget -= count
-        if self.budget < 0:
-            raise FormatError(f"{what}: {count} chunk indexes are more than the bootstrap holds")
         out = []
-        for i, index in enumerate(erofs.parse_chunk_indexes(self.boot, inode, count)):
+        indexes = erofs.parse_chunk_indexes(self.boot, inode, count, self.budget)
+        for i, index in enumerate(indexes):
             if index.blkaddr == erofs.NULL_ADDR:
                 raise FormatError(f"{what}: hole chunks are not supported")
             device = index.device_id & 0xFF
@@ -241,11 +256,9 @@ class _Builder:
         node = Node(ino=ino, kind=kind, mode=inode.mode & 0o7777, uid=inode.uid,
                     gid=inode.gid, mtime_ns=inode.mtime * 1_000_000_000 + inode.mtime_nsec,
                     size=inode.size, parent=parent,
-                    xattrs=erofs.parse_xattrs(self.boot, self.sb, inode))
+                    xattrs=erofs.parse_xattrs(self.boot, self.sb, inode, self.xattrs))
         if kind is NodeKind.SYMLINK:
-            node.link_target = erofs.inode_data(self.boot, self.sb, inode)
-            if not node.link_target:
-                raise FormatError(f"{what}: symlink without a target")
+            node.link_target = erofs.symlink_target(self.boot, self.sb, inode, self.budget)
         elif kind in (NodeKind.CHAR, NodeKind.BLOCK):
             node.rdev_major, node.rdev_minor = rafs.split_rdev(inode.i_u)
         elif kind is NodeKind.REG:
@@ -277,7 +290,7 @@ def build_index(boot: bytes) -> LayerIndex:
     Raises FormatError as described in the module docstring.
     """
     builder = _Builder(boot)
-    for entry in erofs.walk(boot, builder.sb):
+    for entry in erofs.walk(boot, builder.sb, builder.budget):
         builder.add(entry)
     root = builder.sb.root_nid
     prefetch = [ino_of(nid, root) for nid in parse_prefetch_table(boot, builder.ext)]

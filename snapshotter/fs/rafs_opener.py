@@ -32,7 +32,7 @@ from snapshotter.errdefs import (
     BlobNotFound,
     DigestMismatch,
     FailedPrecondition,
-    FormatError,
+    LimitExceeded,
     RangeNotSatisfiable,
 )
 from snapshotter.formats import detect, rafs
@@ -40,7 +40,9 @@ from snapshotter.formats.index import LayerIndex
 from snapshotter.remote.base import BlobFetcher
 
 FORMATS = (detect.RAFS_V5, detect.RAFS_V6)
-MAX_BOOTSTRAP_BYTES = 1 << 30
+# The largest bootstrap (and bootstrap layer) the daemon reads: the snapshotter's limit,
+# 256 MiB (see ``nydus.MAX_BOOTSTRAP_BYTES`` for why), not the old 1 GiB.
+MAX_BOOTSTRAP_BYTES = nydus.MAX_BOOTSTRAP_BYTES
 
 
 class FileBlob:
@@ -83,7 +85,12 @@ class FileBlob:
 
 
 def _bootstrap_of(data: bytes) -> bytes:
-    """``data`` if it is a bootstrap, else the bootstrap inside a bootstrap layer tar."""
+    """``data`` if it is a bootstrap, else the bootstrap inside a bootstrap layer tar.
+
+    The layer is read by ``nydus.extract_bootstrap`` (the one bootstrap-layer reader):
+    streamed, refused once it inflates past ``MAX_BOOTSTRAP_BYTES`` plus the tar's
+    overhead; FormatError if it is no bootstrap layer.
+    """
     if detect.sniff(data[: detect.MAX_SUPERBLOCK_SIZE]) is not None:
         return data
     return nydus.extract_bootstrap(data, MAX_BOOTSTRAP_BYTES)
@@ -100,13 +107,17 @@ async def open_layer(fetcher: BlobFetcher, expected_digest: str | None) -> tuple
     """Read, verify and index a bootstrap; return ``(index, bootstrap bytes)``.
 
     With ``expected_digest`` the bootstrap must hash to it (DigestMismatch otherwise).
+    A blob over ``MAX_BOOTSTRAP_BYTES`` is refused (LimitExceeded, a FormatError) before
+    it is fetched;
+    extraction, hashing and indexing run in worker threads.
     """
     size = await fetcher.size()
     if size > MAX_BOOTSTRAP_BYTES:
-        raise FormatError(f"bootstrap of {size} bytes is over {MAX_BOOTSTRAP_BYTES}")
+        raise LimitExceeded(f"bootstrap of {size} bytes is over {MAX_BOOTSTRAP_BYTES}")
     (data,) = await fetcher.fetch([(0, size)]) if size else (b"",)
-    boot = _bootstrap_of(data)
-    if expected_digest is not None and nydus.sha256_digest(boot) != expected_digest:
+    boot = await asyncio.to_thread(_bootstrap_of, data)
+    if expected_digest is not None \
+            and await asyncio.to_thread(nydus.sha256_digest, boot) != expected_digest:
         raise DigestMismatch(f"bootstrap does not hash to {expected_digest}")
     index = await asyncio.to_thread(_build, boot)
     return index, boot
