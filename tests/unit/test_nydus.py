@@ -140,7 +140,9 @@ async def layers(registry: FakeRegistry) -> AsyncIterator[tuple[LazyLayers, Fake
     client = RegistryClient(HostsConfig.from_dict({"request_timeout": 5.0, "max_retries": 0}),
                             credentials=CredentialStore())
     manager = FakeManager()
-    yield LazyLayers(Config(), manager, client), manager  # type: ignore[arg-type]
+    lazy = LazyLayers(Config(), manager, client)  # type: ignore[arg-type]
+    yield lazy, manager
+    await lazy.aclose()
     await client.aclose()
 
 

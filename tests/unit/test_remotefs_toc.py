@@ -28,7 +28,9 @@ async def setup(tmp_path: Path) -> AsyncIterator[tuple[LazyLayers, FakeManager, 
                             credentials=CredentialStore())
     manager = FakeManager()
     config = Config(root=str(tmp_path))
-    yield LazyLayers(config, manager, client), manager, registry  # type: ignore[arg-type]
+    layers = LazyLayers(config, manager, client)  # type: ignore[arg-type]
+    yield layers, manager, registry
+    await layers.aclose()
     await client.aclose()
     await registry.aclose()
 
