@@ -42,7 +42,7 @@ from daemon_manager.zygote import ZygoteClient
 from snapshotter.config import Config
 from snapshotter.errdefs import DaemonError, LazysnapError, Unavailable
 from snapshotter.metastore.store import MetaStore
-from snapshotter.mountutil import MNT_DETACH, MS_BIND, mount, unmount
+from snapshotter.osutil.mountutil import MNT_DETACH, MS_BIND, mount, unmount
 
 log = logging.getLogger(__name__)
 RESTART_WINDOW = 600.0

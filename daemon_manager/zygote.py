@@ -49,13 +49,14 @@ _PR_SET_MM_MAP = 14
 _MAX_REQUEST = 1 << 16
 # Everything a daemon imports, including what it imports lazily on its way to serving a
 # layer (a module imported after the fork is compiled and executed again in every child).
-_PRELOAD = ("asyncio", "snapshotter.fs.fusesession", "snapshotter.formats.estargz",
+_PRELOAD = ("asyncio", "snapshotter.fs.fuse.session", "snapshotter.formats.estargz",
             "snapshotter.fs.daemon", "snapshotter.metrics.counters",
-            "snapshotter.fs.reader", "snapshotter.fs.ops", "snapshotter.fs.control",
-            "snapshotter.fs.kernel", "snapshotter.fs.activity", "snapshotter.fs.fetchpolicy",
-            "snapshotter.cache.chunkcache", "snapshotter.remote.registry",
-            "snapshotter.remote.fetcher", "snapshotter.remote.ranges",
-            "snapshotter.remote.platforms")
+            "snapshotter.fs.read.reader", "snapshotter.fs.ops", "snapshotter.fs.control",
+            "snapshotter.fs.fuse.kernel", "snapshotter.fs.read.activity",
+            "snapshotter.fs.read.fetchpolicy",
+            "snapshotter.cache.chunkcache", "snapshotter.registry.registry",
+            "snapshotter.registry.fetcher", "snapshotter.registry.ranges",
+            "snapshotter.registry.platforms")
 _KEEP_CMDLINE: list[ctypes.Array[ctypes.c_char]] = []  # the rewritten cmdline's memory
 
 

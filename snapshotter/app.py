@@ -28,7 +28,7 @@ from snapshotter.errdefs import StartupError
 from snapshotter.metastore.store import MetaStore
 from snapshotter.metrics.endpoint import MetricsEndpoint
 from snapshotter.metrics.families import Metrics
-from snapshotter.mountutil import mount, unmount
+from snapshotter.osutil.mountutil import mount, unmount
 from snapshotter.snapshot.remote import RemoteSnapshotter
 
 log = logging.getLogger(__name__)
@@ -103,10 +103,10 @@ class App:
     ) -> RemoteSnapshotter:
         """The snapshotter with its remote layers served again (re-attached or restarted)."""
         from daemon_manager.manager import DaemonManager
+        from snapshotter.lazy.layers import LazyLayers, registry_hosts
         from snapshotter.metrics.collector import Poller
         from snapshotter.metrics.counters import RegistryCounters
-        from snapshotter.remote.registry import RegistryClient
-        from snapshotter.remotefs import LazyLayers, registry_hosts
+        from snapshotter.registry.registry import RegistryClient
 
         cfg = self.config
         counters = RegistryCounters()

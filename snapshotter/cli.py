@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from snapshotter import __version__
 from snapshotter import config as configmod
 from snapshotter.errdefs import ConfigError, LazysnapError, StartupError
-from snapshotter.status import add_status_arguments, run_status
+from snapshotter.tools.status import add_status_arguments, run_status
 
 log = logging.getLogger("lazysnap")
 
@@ -43,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(status)
     add_status_arguments(status)
     sub.add_parser("version", help="print the version")
-    from snapshotter.inspect_cli import add_arguments as add_inspect_arguments
+    from snapshotter.tools.inspect.cli import add_arguments as add_inspect_arguments
 
     inspect = sub.add_parser(
         "inspect", help="describe an eStargz blob or a RAFS bootstrap (file or registry)")
     add_inspect_arguments(inspect)
-    from snapshotter.convert.cli import add_arguments as add_convert_arguments
+    from snapshotter.tools.convert.cli import add_arguments as add_convert_arguments
 
     convert = sub.add_parser(
         "convert", help="convert a directory or OCI image to a nydus image and push it")
@@ -77,11 +77,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lazysnap {__version__}")
         return 0
     if args.command == "inspect":
-        from snapshotter.inspect_cli import run as run_inspect
+        from snapshotter.tools.inspect.cli import run as run_inspect
 
         return run_inspect(args)
     if args.command == "convert":
-        from snapshotter.convert.cli import run as run_convert
+        from snapshotter.tools.convert.cli import run as run_convert
 
         return run_convert(args)
     try:

@@ -79,7 +79,7 @@ class RemoteConfig:
     # After answering a request, a FUSE daemon keeps polling its device this many
     # microseconds before it sleeps: a program walking or stat-ing a tree sends its next
     # request within a few tens of microseconds, sooner than a sleeping daemon wakes up;
-    # 0 disables (see snapshotter.fs.fusesession).
+    # 0 disables (see snapshotter.fs.fuse.session).
     fuse_spin_us: int = 50
     # Largest TOC accepted, bytes.
     max_toc_bytes: int = limits.MAX_TOC_BYTES

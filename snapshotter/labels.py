@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from snapshotter.remote.reference import is_digest
+from snapshotter.registry.reference import is_digest
 
 MAX_LABEL_BYTES = 4096
 

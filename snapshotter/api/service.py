@@ -17,8 +17,8 @@ from google.protobuf.empty_pb2 import Empty
 
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2_grpc as pb_grpc
-from snapshotter.api.convert import info_from_pb, info_to_pb, mounts_to_pb
 from snapshotter.api.errors import status_code
+from snapshotter.api.messages import info_from_pb, info_to_pb, mounts_to_pb
 from snapshotter.errdefs import LazysnapError
 from snapshotter.snapshot.base import Snapshotter
 

@@ -35,7 +35,7 @@ from snapshotter.formats.estargz_tree import (
 )
 from snapshotter.formats.index import Chunk, LayerIndex
 from snapshotter.formats.limits import MAX_TOC_BYTES, TocLimits
-from snapshotter.remote.base import BlobFetcher
+from snapshotter.registry.base import BlobFetcher
 
 __all__ = [
     "DEFAULT_MAX_ENTRIES",

@@ -32,7 +32,7 @@ from snapshotter.errdefs import ConfigError, LazysnapError
 if TYPE_CHECKING:
     from snapshotter.fs.daemon import BlobSource, DaemonConfig
     from snapshotter.metrics.counters import DaemonCounters, RegistryCounters
-    from snapshotter.remote.base import BlobFetcher
+    from snapshotter.registry.base import BlobFetcher
 
 log = logging.getLogger("snapshotter.fs")
 
@@ -68,7 +68,7 @@ def import_runtime() -> None:
       while aiohttp is imported; ``SSL_CERT_DIR``, read lazily, still applies), and the
       registry transport never uses them: it passes its own verifying context, built
       with the real environment on the first https request
-      (``snapshotter.remote.transport.tls_context``).
+      (``snapshotter.registry.transport.tls_context``).
 
     The environment is restored afterwards. Idempotent.
     """
@@ -82,8 +82,8 @@ class _RegistrySource:
     the client counts into ``counters`` (published in the daemon's status)."""
 
     def __init__(self, table: Mapping[str, Any], counters: RegistryCounters) -> None:
-        from snapshotter.remote.hosts import HostsConfig
-        from snapshotter.remote.registry import RegistryClient
+        from snapshotter.registry.hosts import HostsConfig
+        from snapshotter.registry.registry import RegistryClient
 
         self._client = RegistryClient(
             HostsConfig.from_dict(table), stats=counters.stats,

@@ -65,17 +65,17 @@ class LayerSpec:
     bootstrap layer's, and the chunks are read from ``sha256:<blob id>`` blobs of ``ref``.
     ``background_silence_s``: seconds without on-demand fetches the background fetch waits
     for (0 = none); ``activity_file``: the absolute path through which daemons share that
-    activity (None: this daemon's layers only); see ``snapshotter.fs.activity``.
+    activity (None: this daemon's layers only); see ``snapshotter.fs.read.activity``.
     ``toc_file`` (eStargz only): the absolute path of the layer's TOC JSON, already fetched
     and checked by the snapshotter, with ``blob_size`` and ``toc_offset`` (where the TOC
     member starts); the daemon then mounts without a request to the registry, still
     verifying the file against ``toc_digest``, and fetches footer and TOC itself when the
     file is missing or does not verify. ``amplify_bytes``: how far past a miss the same
     request reads uncached chunks of the blob (0 = only what was asked; see
-    ``snapshotter.fs.reader``). ``whole_file_bytes``: the smallest file kept whole in
-    the cache once read to its end (0 = none; see ``snapshotter.fs.reader``).
+    ``snapshotter.fs.read.reader``). ``whole_file_bytes``: the smallest file kept whole in
+    the cache once read to its end (0 = none; see ``snapshotter.fs.read.reader``).
     ``dir_ahead_bytes``/``dir_ahead_file_bytes``: directory read-ahead budget and the
-    largest compressed file it counts as small (0 = off; see ``snapshotter.fs.dirahead``).
+    largest compressed file it counts as small (0 = off; see ``snapshotter.fs.read.dirahead``).
     """
 
     layer_id: int

@@ -56,7 +56,6 @@ from snapshotter.errdefs import (
 )
 from snapshotter.formats.index import LayerIndex
 from snapshotter.formats.limits import TocLimits
-from snapshotter.fs.activity import Activity
 from snapshotter.fs.control import (
     ControlServer,
     DaemonStatus,
@@ -64,10 +63,8 @@ from snapshotter.fs.control import (
     LayerStatus,
     json_field,
 )
-from snapshotter.fs.dirahead import DirectoryAhead
-from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress, startup_nodes
-from snapshotter.fs.fusesession import FuseSession, MountOptions
-from snapshotter.fs.kernel import set_read_ahead
+from snapshotter.fs.fuse.kernel import set_read_ahead
+from snapshotter.fs.fuse.session import FuseSession, MountOptions
 from snapshotter.fs.ops import (
     MAX_LAYER_ID,
     FuseTimeouts,
@@ -75,9 +72,12 @@ from snapshotter.fs.ops import (
     MountedLayer,
     NullNotifier,
 )
-from snapshotter.fs.reader import ChunkReader, ReaderCounters
+from snapshotter.fs.read.activity import Activity
+from snapshotter.fs.read.dirahead import DirectoryAhead
+from snapshotter.fs.read.fetchpolicy import FetchPolicy, FetchProgress, startup_nodes
+from snapshotter.fs.read.reader import ChunkReader, ReaderCounters
 from snapshotter.metrics.counters import DaemonCounters
-from snapshotter.remote.base import BlobFetcher
+from snapshotter.registry.base import BlobFetcher
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,14 @@ class DaemonConfig:
         """Validate the JSON object ``raw`` for ``mode``; raises ConfigError.
 
         Required: ``cache_dir`` (str), ``cache_limit_bytes`` (int > 0). Optional:
-        ``version`` (1), ``registry`` (object, for ``snapshotter.remote.hosts``),
+        ``version`` (1), ``registry`` (object, for ``snapshotter.registry.hosts``),
         ``entry_timeout``/``attr_timeout`` (seconds, 3600), ``log_level`` ("INFO"),
         ``layers`` (list of LayerSpec objects mounted at start; dedicated mode needs
         exactly one), ``cache_fsync`` (false), ``allow_other`` (true),
         ``fuse_max_tasks`` (64), ``read_ahead_kib`` (the kernel's read-ahead window on
         the mount, KiB, ``DEFAULT_READ_AHEAD_KIB``; 0 keeps the kernel's 128 KiB; see
-        ``snapshotter.fs.kernel``), ``fuse_spin_us`` (0: how long the FUSE session polls
-        for the next request before it sleeps; see ``snapshotter.fs.fusesession``),
+        ``snapshotter.fs.fuse.kernel``), ``fuse_spin_us`` (0: how long the FUSE session polls
+        for the next request before it sleeps; see ``snapshotter.fs.fuse.session``),
         ``memory_limit_bytes`` (0: the process's data-memory limit, applied by the entry
         point), ``toc_limits`` (object, ``TocLimits.to_json``: the TOC parsing budgets).
         Unknown keys are errors.
@@ -608,7 +608,7 @@ class Daemon:
 
     def _after_init(self) -> None:
         """Runs once the kernel has taken the INIT answer, which resets the read-ahead
-        window to at most the kernel's default (``snapshotter.fs.kernel``)."""
+        window to at most the kernel's default (``snapshotter.fs.fuse.kernel``)."""
         set_read_ahead(self._mountpoint, self._config.read_ahead_kib)
 
     async def _serve(self, fuse_task: asyncio.Task[None]) -> None:

@@ -1,5 +1,5 @@
 """The request handlers of the layer file system: a read-only tree over one or more
-``LayerIndex``, served by ``snapshotter.fs.fusesession``.
+``LayerIndex``, served by ``snapshotter.fs.fuse.session``.
 
 Two layouts (``LayerOperations(shared=...)``):
 
@@ -57,8 +57,8 @@ from snapshotter.errdefs import (
     Unavailable,
 )
 from snapshotter.formats.index import ROOT_INO, LayerIndex, Node, NodeKind
-from snapshotter.fs.fusewire import Attr, FuseError, StatFs
-from snapshotter.fs.reader import CachedRange
+from snapshotter.fs.fuse.wire import Attr, FuseError, StatFs
+from snapshotter.fs.read.reader import CachedRange
 
 log = logging.getLogger(__name__)
 

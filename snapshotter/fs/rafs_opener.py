@@ -27,7 +27,6 @@ import asyncio
 import os
 from collections.abc import Sequence
 
-from snapshotter import nydus
 from snapshotter.errdefs import (
     BlobNotFound,
     DigestMismatch,
@@ -35,14 +34,14 @@ from snapshotter.errdefs import (
     LimitExceeded,
     RangeNotSatisfiable,
 )
-from snapshotter.formats import detect, rafs
+from snapshotter.formats import bootstrap_tar, detect, rafs
 from snapshotter.formats.index import LayerIndex
-from snapshotter.remote.base import BlobFetcher
+from snapshotter.registry.base import BlobFetcher
 
 FORMATS = (detect.RAFS_V5, detect.RAFS_V6)
 # The largest bootstrap (and bootstrap layer) the daemon reads: the snapshotter's limit,
-# 256 MiB (see ``nydus.MAX_BOOTSTRAP_BYTES`` for why), not the old 1 GiB.
-MAX_BOOTSTRAP_BYTES = nydus.MAX_BOOTSTRAP_BYTES
+# 256 MiB (see ``bootstrap_tar.MAX_BOOTSTRAP_BYTES`` for why), not the old 1 GiB.
+MAX_BOOTSTRAP_BYTES = bootstrap_tar.MAX_BOOTSTRAP_BYTES
 
 
 class FileBlob:
@@ -87,13 +86,13 @@ class FileBlob:
 def _bootstrap_of(data: bytes) -> bytes:
     """``data`` if it is a bootstrap, else the bootstrap inside a bootstrap layer tar.
 
-    The layer is read by ``nydus.extract_bootstrap`` (the one bootstrap-layer reader):
+    The layer is read by ``bootstrap_tar.extract_bootstrap`` (the one bootstrap-layer reader):
     streamed, refused once it inflates past ``MAX_BOOTSTRAP_BYTES`` plus the tar's
     overhead; FormatError if it is no bootstrap layer.
     """
     if detect.sniff(data[: detect.MAX_SUPERBLOCK_SIZE]) is not None:
         return data
-    return nydus.extract_bootstrap(data, MAX_BOOTSTRAP_BYTES)
+    return bootstrap_tar.extract_bootstrap(data, MAX_BOOTSTRAP_BYTES)
 
 
 def _build(boot: bytes) -> LayerIndex:
@@ -117,7 +116,7 @@ async def open_layer(fetcher: BlobFetcher, expected_digest: str | None) -> tuple
     (data,) = await fetcher.fetch([(0, size)]) if size else (b"",)
     boot = await asyncio.to_thread(_bootstrap_of, data)
     if expected_digest is not None \
-            and await asyncio.to_thread(nydus.sha256_digest, boot) != expected_digest:
+            and await asyncio.to_thread(bootstrap_tar.sha256_digest, boot) != expected_digest:
         raise DigestMismatch(f"bootstrap does not hash to {expected_digest}")
     index = await asyncio.to_thread(_build, boot)
     return index, boot

@@ -30,7 +30,7 @@ from typing import Any
 
 import aiohttp
 
-from snapshotter.remote.transport import USER_AGENT, RegistryStats
+from snapshotter.registry.transport import USER_AGENT, RegistryStats
 
 # Upper bounds, in seconds. FUSE requests are served from memory or the cache in well
 # under a millisecond and from the registry in tens of milliseconds or more.
@@ -203,7 +203,7 @@ class FetchTotals:
     fetched, runs by result (``complete``, ``failed``, or ``skipped`` when there was
     nothing to fetch) and how long each run took (skipped ones are not timed). Prefetch
     and background fetch run once per layer, a directory read-ahead once per directory
-    that triggered it (``snapshotter.fs.dirahead``)."""
+    that triggered it (``snapshotter.fs.read.dirahead``)."""
 
     bytes: Counter[str] = field(default_factory=Counter)
     layers: Counter[tuple[str, str]] = field(default_factory=Counter)

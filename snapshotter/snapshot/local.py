@@ -23,14 +23,14 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from snapshotter import filters
 from snapshotter import labels as L
 from snapshotter.config import SnapshotterConfig
 from snapshotter.errdefs import FailedPrecondition, Internal, InvalidArgument
 from snapshotter.metastore.store import MetaStore, Record
 from snapshotter.model import Info, Kind, Mount, Usage
-from snapshotter.mounts import snapshot_mounts
-from snapshotter.mountutil import unmount_all
+from snapshotter.osutil.mountutil import unmount_all
+from snapshotter.snapshot import filters
+from snapshotter.snapshot.mounts import snapshot_mounts
 
 log = logging.getLogger(__name__)
 

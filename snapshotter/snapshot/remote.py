@@ -31,7 +31,7 @@ log = logging.getLogger("lazysnap.remote")
 
 
 class RemoteFS(Protocol):
-    """Mounts remote layers. Implemented by ``snapshotter.remotefs.LazyLayers``."""
+    """Mounts remote layers. Implemented by ``snapshotter.lazy.layers.LazyLayers``."""
 
     async def mount(self, sid: int, mountpoint: str, labels: Mapping[str, str]) -> str:
         """Serve the layer the labels name at ``mountpoint``; return its format name.

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from snapshotter.remotefs import TAIL_GUESS
+from snapshotter.lazy.layers import TAIL_GUESS
 
 from .conftest import StackFactory
 from .demo import GREETING_PATH, HELLO, DemoImage

@@ -8,7 +8,7 @@ Images (pushed to the session registry):
 * **converted images**: a tree the test builds on disk (busybox and its applets, multi-
   chunk and duplicate-chunk files, symlinks, hard links, xattrs, an empty file, a fifo, a
   device, odd names, setuid and sticky modes, owners, nanosecond mtimes) converted with
-  ``python -m snapshotter.convert.cli`` to RAFS v6 and v5;
+  ``python -m snapshotter.tools.convert.cli`` to RAFS v6 and v5;
 * **bad images**: a truncated bootstrap, a bootstrap with a wrong magic (both fall back to
   an ordinary pull of the bootstrap layer, reason ``invalid_bootstrap``), and a bootstrap
   whose chunk digest does not match the blob (mounted; that file's reads fail with EIO
@@ -43,11 +43,11 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.convert import image as nimage
-from snapshotter.convert.tree import Spec
-from snapshotter.convert.write_v6 import write_v6
 from snapshotter.formats import chunkcodec, rafs
 from snapshotter.formats.index import LayerIndex, NodeKind
+from snapshotter.tools.convert import image as nimage
+from snapshotter.tools.convert.tree import Spec
+from snapshotter.tools.convert.write_v6 import write_v6
 
 from .conftest import StackFactory
 from .harness import REPO_ROOT, Registry
@@ -232,8 +232,8 @@ def _convert(registry: Registry, source: Path, fmt: str, *extra: str) -> NydusIm
     name = f"nydus/converted-{fmt}"
     ref = f"{registry.host}/{name}:latest"
     result = subprocess.run(
-        [sys.executable, "-m", "snapshotter.convert.cli", "--format", fmt, *extra, str(source),
-         ref], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False)
+        [sys.executable, "-m", "snapshotter.tools.convert.cli", "--format", fmt, *extra,
+         str(source), ref], capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, check=False)
     assert result.returncode == 0, result.stderr
     assert "push" in result.stderr and "100.0%" in result.stderr, result.stderr
     manifest_digest = result.stdout.strip().splitlines()[-1]

@@ -30,10 +30,10 @@ import pytest
 
 from snapshotter.cache.chunkcache import ChunkCache
 from snapshotter.formats.index import ROOT_INO, NodeKind
-from snapshotter.fs import fusewire as w
-from snapshotter.fs.fusesession import FuseSession, MountOptions
+from snapshotter.fs.fuse import wire as w
+from snapshotter.fs.fuse.session import FuseSession, MountOptions
 from snapshotter.fs.ops import FuseTimeouts, LayerOperations, MountedLayer, NullNotifier
-from snapshotter.fs.reader import ChunkReader
+from snapshotter.fs.read.reader import ChunkReader
 from snapshotter.metrics.counters import FuseStats
 from tests.unit.test_fs_fakes import FakeFetcher, LayerBuilder
 

@@ -1,4 +1,4 @@
-"""The bounded parser processes of `serve` (snapshotter.parsebox), with real workers.
+"""The bounded parser processes of `serve` (snapshotter.lazy.parsebox), with real workers.
 
 A parse that fails, runs out of memory, passes its deadline or loses its process gives a
 typed error, and the pool keeps answering afterwards with fresh workers.
@@ -14,7 +14,7 @@ import pytest
 
 from snapshotter.errdefs import FormatError, LimitExceeded, Unavailable
 from snapshotter.formats.limits import TocLimits
-from snapshotter.parsebox import ParseBox
+from snapshotter.lazy.parsebox import ParseBox
 
 GOOD = json.dumps({"version": 1, "entries": [{"name": "a/b", "type": "dir"}]}).encode()
 LIMITS = TocLimits().to_json()

@@ -26,10 +26,10 @@ from pathlib import Path
 import pytest
 
 from snapshotter.errdefs import BlobNotFound, RangeNotSatisfiable
-from snapshotter.remote.auth import CredentialStore
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.platforms import Platform
-from snapshotter.remote.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient
+from snapshotter.registry.auth import CredentialStore
+from snapshotter.registry.hosts import HostsConfig
+from snapshotter.registry.platforms import Platform
+from snapshotter.registry.registry import OCI_INDEX, OCI_MANIFEST, RegistryClient
 
 REGISTRY_BINARY = "/usr/bin/docker-registry"
 REPO = "lazysnap/it"

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from snapshotter.errdefs import FormatError
 from snapshotter.formats import estargz as E
 from snapshotter.formats.index import Chunk, LayerIndex, Node, NodeKind
-from snapshotter.inspect import tree_json
+from snapshotter.tools.inspect.estargz import tree_json
 from tests import estargz_writer as W
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])

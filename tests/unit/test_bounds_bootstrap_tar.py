@@ -1,4 +1,4 @@
-"""Hostile bootstrap layers (``nydus.extract_bootstrap``, ``rafs_opener``): FormatError,
+"""Hostile bootstrap layers (``bootstrap_tar.extract_bootstrap``, ``rafs_opener``): FormatError,
 bounded memory.
 
 Each layer is built from its description: a gzip or zstd bomb behind a tar header
@@ -22,8 +22,8 @@ from typing import Literal
 import pytest
 import zstandard
 
-from snapshotter import nydus
 from snapshotter.errdefs import FormatError, LimitExceeded
+from snapshotter.formats import bootstrap_tar
 from snapshotter.fs import rafs_opener
 from tests.unit.test_fs_fakes import FakeFetcher
 
@@ -93,8 +93,8 @@ def zstd_stream(*parts: bytes, zeros: int = 0) -> bytes:
 
 
 def test_max_bootstrap_bytes_is_256_mib_everywhere() -> None:
-    assert nydus.MAX_BOOTSTRAP_BYTES == 256 << 20
-    assert rafs_opener.MAX_BOOTSTRAP_BYTES == nydus.MAX_BOOTSTRAP_BYTES
+    assert bootstrap_tar.MAX_BOOTSTRAP_BYTES == 256 << 20
+    assert rafs_opener.MAX_BOOTSTRAP_BYTES == bootstrap_tar.MAX_BOOTSTRAP_BYTES
 
 
 @pytest.mark.parametrize("compress", [gzip_stream, zstd_stream], ids=["gzip", "zstd"])
@@ -105,7 +105,7 @@ def test_bomb_behind_a_huge_member_is_refused_once_it_inflates_past_the_cap(
     bomb = compress(header("image/junk", 1 << 40), zeros=64 << 20)
     assert len(bomb) < 1 << 20
     with peak_under(), pytest.raises(LimitExceeded, match="inflates to more than"):
-        nydus.extract_bootstrap(bomb, LIMIT)
+        bootstrap_tar.extract_bootstrap(bomb, LIMIT)
 
 
 @pytest.mark.parametrize("compress", [gzip_stream, zstd_stream], ids=["gzip", "zstd"])
@@ -114,7 +114,7 @@ def test_bomb_after_the_bootstrap_is_refused_too(compress: Compress) -> None:
     bomb = compress(member("image/image.boot", BOOT), header("pad", 64 << 20),
                     zeros=64 << 20)
     with peak_under(), pytest.raises(LimitExceeded, match="inflates to more than"):
-        nydus.extract_bootstrap(bomb, LIMIT)
+        bootstrap_tar.extract_bootstrap(bomb, LIMIT)
 
 
 @pytest.mark.parametrize("size_header", [
@@ -126,26 +126,26 @@ def test_bootstrap_declaring_more_than_the_limit_is_refused_before_reading(
         size_header: bytes) -> None:
     layer = gzip_stream(size_header, zeros=32 << 20)
     with peak_under(4 << 20), pytest.raises(LimitExceeded, match="is over"):
-        nydus.extract_bootstrap(layer, LIMIT)
+        bootstrap_tar.extract_bootstrap(layer, LIMIT)
 
 
 def test_negative_base256_size_is_refused() -> None:
     block = with_field(header("image/image.boot", 10), 124, b"\xff" * 12)
     with pytest.raises(FormatError, match="invalid size"):
-        nydus.extract_bootstrap(block + bytes(512) + END, LIMIT)
+        bootstrap_tar.extract_bootstrap(block + bytes(512) + END, LIMIT)
 
 
 def test_too_many_members_are_refused() -> None:
     layer = b"".join(header(f"f{i}") for i in range(2000)) + member("image/image.boot", BOOT)
     with peak_under(), pytest.raises(LimitExceeded, match="more than 1024 tar headers"):
-        nydus.extract_bootstrap(gzip_stream(layer), LIMIT)
+        bootstrap_tar.extract_bootstrap(gzip_stream(layer), LIMIT)
 
 
 @pytest.mark.parametrize("kind", [b"x", b"L"], ids=["pax", "gnu-long-name"])
 def test_special_header_declaring_1_gib_is_refused_before_reading(kind: bytes) -> None:
     block = with_field(header("././@LongLink", 1 << 30), 156, kind)
     with peak_under(4 << 20), pytest.raises(LimitExceeded, match="header of"):
-        nydus.extract_bootstrap(gzip_stream(block, zeros=8 << 20), LIMIT)
+        bootstrap_tar.extract_bootstrap(gzip_stream(block, zeros=8 << 20), LIMIT)
 
 
 @pytest.mark.parametrize("records", [b"99 path=x\n", b"x path=a\n", b"5 =a\n", b"7 patha\n",
@@ -154,7 +154,7 @@ def test_malformed_pax_records_are_refused(records: bytes) -> None:
     block = with_field(header("pax", len(records)), 156, b"x")
     layer = block + records + bytes(-len(records) % 512) + member("image/image.boot", BOOT)
     with pytest.raises(FormatError, match="PAX"):
-        nydus.extract_bootstrap(layer + END, LIMIT)
+        bootstrap_tar.extract_bootstrap(layer + END, LIMIT)
 
 
 @pytest.mark.parametrize(("kind", "what"), [
@@ -165,29 +165,29 @@ def test_malformed_pax_records_are_refused(records: bytes) -> None:
 def test_bootstrap_name_on_a_non_regular_member_is_refused(kind: bytes, what: str) -> None:
     layer = member("image.boot", BOOT) + header("./image/image.boot", 0, kind) + END
     with pytest.raises(FormatError, match=f"is a {what}, not a regular file"):
-        nydus.extract_bootstrap(layer, LIMIT)
+        bootstrap_tar.extract_bootstrap(layer, LIMIT)
 
 
 def test_sparse_members_are_refused() -> None:
     gnu_sparse = with_field(header("image/image.boot", len(BOOT)), 156, b"S")
     with pytest.raises(FormatError, match="sparse"):
-        nydus.extract_bootstrap(gnu_sparse + BOOT + END, LIMIT)
+        bootstrap_tar.extract_bootstrap(gnu_sparse + BOOT + END, LIMIT)
     pax_sparse = header("image/image.boot", len(BOOT), pax={"GNU.sparse.major": "1"})
     with pytest.raises(FormatError, match="not a regular file"):
-        nydus.extract_bootstrap(pax_sparse + BOOT + bytes(-len(BOOT) % 512) + END, LIMIT)
+        bootstrap_tar.extract_bootstrap(pax_sparse + BOOT + bytes(-len(BOOT) % 512) + END, LIMIT)
 
 
 def test_names_with_nul_bytes_are_refused() -> None:
     layer = header("x", 0, pax={"path": "image/image.boot\0.tmp"}) + END
     with pytest.raises(FormatError, match="NUL"):
-        nydus.extract_bootstrap(layer, LIMIT)
+        bootstrap_tar.extract_bootstrap(layer, LIMIT)
 
 
 @pytest.mark.parametrize("name", ["../image/image.boot", "image/../image.boot",
                                   "image/image.boot/x", "x/image.boot"])
 def test_names_that_only_resemble_the_bootstrap_are_not_it(name: str) -> None:
     with pytest.raises(FormatError, match="holds no"):
-        nydus.extract_bootstrap(member(name, BOOT) + END, LIMIT)
+        bootstrap_tar.extract_bootstrap(member(name, BOOT) + END, LIMIT)
 
 
 def test_bad_checksum_and_truncations_are_refused() -> None:
@@ -205,7 +205,7 @@ def test_bad_checksum_and_truncations_are_refused() -> None:
     }
     for what, layer in cases.items():
         with pytest.raises(FormatError):
-            nydus.extract_bootstrap(layer, LIMIT)
+            bootstrap_tar.extract_bootstrap(layer, LIMIT)
             pytest.fail(what)
 
 
@@ -216,18 +216,18 @@ def test_accepted_layouts_still_work() -> None:
            + member("/./image//image.boot", BOOT) + END)
     half = len(tar) // 2
     layer = gzip_stream(tar[:half]) + bytes(10) + gzip_stream(tar[half:]) + bytes(10)
-    assert nydus.extract_bootstrap(layer, LIMIT) == BOOT
-    assert nydus.extract_bootstrap(io.BytesIO(zstd_stream(tar)), LIMIT) == BOOT
-    assert nydus.extract_bootstrap(tar[:-1024], LIMIT) == BOOT  # no end-of-archive blocks
+    assert bootstrap_tar.extract_bootstrap(layer, LIMIT) == BOOT
+    assert bootstrap_tar.extract_bootstrap(io.BytesIO(zstd_stream(tar)), LIMIT) == BOOT
+    assert bootstrap_tar.extract_bootstrap(tar[:-1024], LIMIT) == BOOT  # no end-of-archive blocks
     last_wins = member("image/image.boot", b"old") + member("image/image.boot", BOOT) + END
-    assert nydus.extract_bootstrap(last_wins, LIMIT) == BOOT
+    assert bootstrap_tar.extract_bootstrap(last_wins, LIMIT) == BOOT
 
 
 def test_untar_layer_is_bounded() -> None:
     bomb = gzip_stream(zeros=64 << 20)
     with peak_under(), pytest.raises(LimitExceeded, match="inflates to more than"):
-        nydus.untar_layer(bomb, 8 << 20)
-    assert nydus.untar_layer(gzip_stream(b"abc")) == b"abc"
+        bootstrap_tar.untar_layer(bomb, 8 << 20)
+    assert bootstrap_tar.untar_layer(gzip_stream(b"abc")) == b"abc"
 
 
 async def test_open_layer_refuses_a_bomb_layer() -> None:

@@ -17,9 +17,10 @@ from contextlib import contextmanager
 
 import pytest
 
-from snapshotter.convert.tree import Spec
 from snapshotter.errdefs import FormatError, LimitExceeded
-from snapshotter.formats import rafs, rafs_v5
+from snapshotter.formats import rafs
+from snapshotter.formats.rafs import v5 as rafs_v5
+from snapshotter.tools.convert.tree import Spec
 from tests.unit.test_rafs_writer import write_v5
 
 PEAK = 64 << 20

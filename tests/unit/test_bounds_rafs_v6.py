@@ -18,10 +18,11 @@ from contextlib import contextmanager
 
 import pytest
 
-from snapshotter.convert.tree import Spec
-from snapshotter.convert.write_v6 import dir_blocks
 from snapshotter.errdefs import FormatError, LimitExceeded
-from snapshotter.formats import erofs, rafs, rafs_v6
+from snapshotter.formats import erofs, rafs
+from snapshotter.formats.rafs import v6 as rafs_v6
+from snapshotter.tools.convert.tree import Spec
+from snapshotter.tools.convert.write_v6 import dir_blocks
 from tests.unit.test_rafs_writer import write_v6
 
 PEAK = 64 << 20

@@ -18,16 +18,16 @@ import pytest
 from aiohttp import web
 
 from snapshotter import labels as L
-from snapshotter.convert import cli, image, ociimage, scan
-from snapshotter.convert.push import push_image
-from snapshotter.convert.tree import Spec
-from snapshotter.convert.write_v5 import write_v5
-from snapshotter.convert.write_v6 import write_v6
 from snapshotter.errdefs import InvalidArgument, RegistryError
 from snapshotter.formats import chunkcodec, rafs
 from snapshotter.formats.index import LayerIndex, NodeKind
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.reference import parse_reference
+from snapshotter.registry.hosts import HostsConfig
+from snapshotter.registry.reference import parse_reference
+from snapshotter.tools.convert import cli, image, ociimage, scan
+from snapshotter.tools.convert.push import push_image
+from snapshotter.tools.convert.tree import Spec
+from snapshotter.tools.convert.write_v5 import write_v5
+from snapshotter.tools.convert.write_v6 import write_v6
 
 MTIME_NS = 1_600_000_000_987_654_321
 CHUNK = 64 << 10
@@ -337,7 +337,7 @@ async def test_cli_converts_an_oci_image_from_a_registry(
 ) -> None:
     """``--from-image``: the layers are applied in order (whiteouts included) and the
     result converted like a directory."""
-    from snapshotter.remote.fakeregistry import FakeRegistry
+    from tests.fakeregistry import FakeRegistry
 
     reg, host = upload_registry
     source = await FakeRegistry().start()

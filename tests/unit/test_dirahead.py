@@ -11,8 +11,8 @@ import pytest
 from snapshotter.cache.chunkcache import ChunkCache
 from snapshotter.errdefs import RegistryUnavailable
 from snapshotter.formats.index import ROOT_INO, Node
-from snapshotter.fs.dirahead import DirectoryAhead, compressed_size
-from snapshotter.fs.reader import ChunkReader
+from snapshotter.fs.read.dirahead import DirectoryAhead, compressed_size
+from snapshotter.fs.read.reader import ChunkReader
 from tests.unit.test_fs_fakes import FakeFetcher, LayerBuilder
 
 

@@ -25,7 +25,7 @@ import pytest
 from snapshotter.errdefs import DigestMismatch, FormatError
 from snapshotter.formats import estargz as E
 from snapshotter.formats.index import ROOT_INO, Chunk, LayerIndex, Node, NodeKind
-from snapshotter.inspect import (
+from snapshotter.tools.inspect.estargz import (
     add_inspect_arguments,
     inspect_estargz_blob,
     inspect_fetcher,

@@ -1,4 +1,4 @@
-"""Unit tests for snapshotter.filters: containerd's filter grammar and adaptSnapshot."""
+"""Unit tests for snapshotter.snapshot.filters: containerd's filter grammar and adaptSnapshot."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from snapshotter import filters
 from snapshotter.errdefs import InvalidArgument
-from snapshotter.filters import (
+from snapshotter.snapshot import filters
+from snapshotter.snapshot.filters import (
     ALWAYS,
     AllOf,
     AnyOf,

@@ -24,7 +24,7 @@ from snapshotter.formats.index import ROOT_INO, LayerIndex
 from snapshotter.fs.control import ControlClient, ControlServer, LayerSpec
 from snapshotter.fs.daemon import LayerManager
 from snapshotter.fs.ops import LayerOperations
-from snapshotter.remote.base import BlobFetcher
+from snapshotter.registry.base import BlobFetcher
 from tests.unit.test_fs_fakes import FakeFetcher, LayerBuilder, sha256
 
 GOOD_TOC = "sha256:" + "1" * 64

@@ -27,7 +27,7 @@ from snapshotter.fs.daemon import (
     failure_reason,
     mount_options,
 )
-from snapshotter.fs.fusesession import MountOptions
+from snapshotter.fs.fuse.session import MountOptions
 
 LAYER = {"layer_id": 1, "ref": "localhost:5000/a:b", "digest": "sha256:" + "a" * 64,
          "skip_verify": True}
@@ -126,7 +126,7 @@ def test_cli_rejects_a_bad_config_file(tmp_path: Path) -> None:
 
 def test_startup_nodes_are_the_small_regular_startup_files_a_layer_has() -> None:
     from snapshotter.formats.index import ROOT_INO
-    from snapshotter.fs.fetchpolicy import STARTUP_FILE_MAX_BYTES, startup_nodes
+    from snapshotter.fs.read.fetchpolicy import STARTUP_FILE_MAX_BYTES, startup_nodes
     from tests.unit.test_fs_fakes import LayerBuilder
 
     b = LayerBuilder()
@@ -146,7 +146,7 @@ def test_startup_nodes_are_the_small_regular_startup_files_a_layer_has() -> None
 
 def test_startup_nodes_include_the_elf_interpreter_and_the_c_library() -> None:
     from snapshotter.formats.index import ROOT_INO
-    from snapshotter.fs.fetchpolicy import LOADER_FILE_MAX_BYTES, startup_nodes
+    from snapshotter.fs.read.fetchpolicy import LOADER_FILE_MAX_BYTES, startup_nodes
     from tests.unit.test_fs_fakes import LayerBuilder
 
     b = LayerBuilder()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from snapshotter.errdefs import RegistryUnavailable
 from snapshotter.formats.index import ROOT_INO, LayerIndex, Node
-from snapshotter.fs.activity import Activity
-from snapshotter.fs.fetchpolicy import (
+from snapshotter.fs.read.activity import Activity
+from snapshotter.fs.read.fetchpolicy import (
     BACKGROUND_BATCH_BYTES,
     FetchPolicy,
     FetchProgress,

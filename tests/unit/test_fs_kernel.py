@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter.fs.kernel import mount_device, set_read_ahead
+from snapshotter.fs.fuse.kernel import mount_device, set_read_ahead
 
 
 def mountinfo(tmp_path: Path, *mounts: tuple[str, str]) -> str:

@@ -18,10 +18,10 @@ from typing import Any
 
 from yarl import URL
 
-from snapshotter.remote import transport
-from snapshotter.remote.auth import CredentialStore
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.transport import RegistryStats, Transport
+from snapshotter.registry import transport
+from snapshotter.registry.auth import CredentialStore
+from snapshotter.registry.hosts import HostsConfig
+from snapshotter.registry.transport import RegistryStats, Transport
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -31,8 +31,8 @@ import json, os, sys
 before = {k: os.environ.get(k) for k in ("SSL_CERT_FILE", "FROZENLIST_NO_EXTENSIONS")}
 from snapshotter.fs.__main__ import import_runtime
 import_runtime()
-import snapshotter.fs.daemon, snapshotter.fs.fusesession, snapshotter.fs.ops
-import snapshotter.metrics.counters, snapshotter.remote.hosts, snapshotter.remote.registry
+import snapshotter.fs.daemon, snapshotter.fs.fuse.session, snapshotter.fs.ops
+import snapshotter.metrics.counters, snapshotter.registry.hosts, snapshotter.registry.registry
 after = {k: os.environ.get(k) for k in before}
 print(json.dumps({"modules": sorted(sys.modules), "env_restored": before == after}))
 """
@@ -59,7 +59,7 @@ def _probe(env: Mapping[str, str] | None = None) -> dict[str, Any]:
 def test_daemon_import_graph_leaves_out_what_serving_does_not_need() -> None:
     got = _probe()
     modules = set(got["modules"])
-    assert "snapshotter.fs.fusesession" in modules
+    assert "snapshotter.fs.fuse.session" in modules
     assert not modules & set(_NOT_IMPORTED)
     assert not any(m.startswith(("grpc.", "prometheus_client.", "trio.", "pyfuse3."))
                    for m in modules)
@@ -80,7 +80,7 @@ def test_the_daemon_needs_no_fuse_binding_at_all() -> None:
         "            raise ImportError('the daemon must not import ' + name)\n"
         "sys.meta_path.insert(0, NoBinding())\n"
         "from snapshotter.fs.__main__ import main\n"
-        "import snapshotter.fs.daemon, snapshotter.fs.fusesession\n"
+        "import snapshotter.fs.daemon, snapshotter.fs.fuse.session\n"
         "sys.exit(main(['--mode', 'shared', '--mountpoint', '/nonexistent', '--control',\n"
         "               '/nonexistent/c.sock', '--config', '/nonexistent/c.json']))\n"
     )

@@ -24,9 +24,9 @@ from snapshotter.errdefs import (
     RegistryTimeout,
 )
 from snapshotter.formats.index import ROOT_INO, LayerIndex, NodeKind
-from snapshotter.fs.fusewire import FuseError
+from snapshotter.fs.fuse.wire import FuseError
 from snapshotter.fs.ops import ENOATTR, FuseTimeouts, LayerOperations, MountedLayer
-from snapshotter.fs.reader import ChunkReader
+from snapshotter.fs.read.reader import ChunkReader
 from tests.unit.test_fs_fakes import FakeFetcher, LayerBuilder
 
 MTIME = 1_700_000_000_123_456_789

@@ -8,8 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from snapshotter.fs import fusewire as w
-from snapshotter.fs.passthrough import CACHED, OpenModes
+from snapshotter.fs.fuse import wire as w
+from snapshotter.fs.fuse.passthrough import CACHED, OpenModes
 
 
 def test_no_backing_file_means_page_cache_mode(tmp_path: Path) -> None:

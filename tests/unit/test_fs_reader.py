@@ -11,7 +11,7 @@ import pytest
 from snapshotter.cache.chunkcache import ChunkCache, chunk_key
 from snapshotter.errdefs import DigestMismatch, FormatError, RegistryUnavailable, Unavailable
 from snapshotter.formats.index import ROOT_INO, Chunk, Node, NodeKind
-from snapshotter.fs.reader import WHOLE_FILE_MIN_BYTES, ChunkReader
+from snapshotter.fs.read.reader import WHOLE_FILE_MIN_BYTES, ChunkReader
 from tests.unit.test_fs_fakes import FakeFetcher, LayerBuilder, sha256
 
 DATA = bytes(range(256)) * 4 + b"tail"  # 1028 bytes
@@ -185,7 +185,7 @@ async def test_a_malformed_digest_fails_the_read_without_leaving_flights(tmp_pat
 
 async def test_misses_and_read_ahead_are_reported_as_activity_hits_are_not(
         tmp_path: Path) -> None:
-    from snapshotter.fs.activity import Activity
+    from snapshotter.fs.read.activity import Activity
 
     notes: list[str] = []
 

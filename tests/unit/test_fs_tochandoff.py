@@ -18,7 +18,7 @@ from snapshotter.formats.limits import TocLimits
 from snapshotter.fs.control import LayerSpec
 from snapshotter.fs.daemon import LayerManager
 from snapshotter.fs.ops import LayerOperations
-from snapshotter.remote.base import BlobFetcher
+from snapshotter.registry.base import BlobFetcher
 from tests import estargz_writer as ew
 from tests.unit.test_fs_fakes import FakeFetcher
 

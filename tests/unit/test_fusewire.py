@@ -12,7 +12,7 @@ import struct
 
 import pytest
 
-from snapshotter.fs import fusewire as w
+from snapshotter.fs.fuse import wire as w
 
 MTIME = 1_700_000_000_123_456_789
 ATIME = 1_600_000_000_000_000_001

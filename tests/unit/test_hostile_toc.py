@@ -21,7 +21,7 @@ from snapshotter.errdefs import FormatError, LimitExceeded
 from snapshotter.formats import estargz
 from snapshotter.formats.index import Chunk
 from snapshotter.formats.limits import TocLimits
-from snapshotter.parsebox import check_estargz_toc
+from snapshotter.lazy.parsebox import check_estargz_toc
 
 MiB = 1 << 20
 BLOB = 10 << 20

@@ -8,9 +8,9 @@ import io
 import json
 from pathlib import Path
 
-from snapshotter.inspect_cli import add_arguments, run
-from snapshotter.remote.fakeregistry import FakeRegistry
+from snapshotter.tools.inspect.cli import add_arguments, run
 from tests.estargz_writer import build_estargz, reg
+from tests.fakeregistry import FakeRegistry
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "nydus"
 

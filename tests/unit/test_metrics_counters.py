@@ -17,7 +17,7 @@ from snapshotter.metrics.counters import (
     Histogram,
     RegistryCounters,
 )
-from snapshotter.remote.transport import _default_session
+from snapshotter.registry.transport import _default_session
 
 
 def test_histogram_counts_each_observation_in_its_bucket() -> None:

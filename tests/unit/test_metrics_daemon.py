@@ -14,8 +14,8 @@ from snapshotter.cache.chunkcache import ChunkCache
 from snapshotter.errdefs import RegistryUnavailable
 from snapshotter.fs.control import ControlClient, ControlServer, DaemonStatus
 from snapshotter.fs.daemon import LayerManager
-from snapshotter.fs.fetchpolicy import FetchPolicy, FetchProgress
 from snapshotter.fs.ops import LayerOperations
+from snapshotter.fs.read.fetchpolicy import FetchPolicy, FetchProgress
 from snapshotter.metrics.collector import Poller
 from snapshotter.metrics.counters import DaemonCounters, RegistryCounters
 from snapshotter.metrics.families import Metrics

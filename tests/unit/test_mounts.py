@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from snapshotter.model import Kind, Mount
-from snapshotter.mounts import snapshot_mounts
+from snapshotter.snapshot.mounts import snapshot_mounts
 
 
 def test_active_without_parent_is_rw_bind() -> None:

@@ -15,11 +15,7 @@ import pytest
 import zstandard
 
 from snapshotter import labels as L
-from snapshotter import nydus
 from snapshotter.config import Config
-from snapshotter.convert import image as nimage
-from snapshotter.convert.tree import Spec
-from snapshotter.convert.write_v6 import write_v6
 from snapshotter.errdefs import (
     DaemonError,
     FormatError,
@@ -27,12 +23,17 @@ from snapshotter.errdefs import (
     RemoteLayerError,
     Unavailable,
 )
+from snapshotter.formats import bootstrap_tar
 from snapshotter.fs.control import LayerSpec
-from snapshotter.remote.auth import CredentialStore
-from snapshotter.remote.fakeregistry import FakeRegistry
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.registry import RegistryClient
-from snapshotter.remotefs import LazyLayers
+from snapshotter.lazy import nydus
+from snapshotter.lazy.layers import LazyLayers
+from snapshotter.registry.auth import CredentialStore
+from snapshotter.registry.hosts import HostsConfig
+from snapshotter.registry.registry import RegistryClient
+from snapshotter.tools.convert import image as nimage
+from snapshotter.tools.convert.tree import Spec
+from snapshotter.tools.convert.write_v6 import write_v6
+from tests.fakeregistry import FakeRegistry
 from tests.unit.test_rafs_writer import FIXTURES
 
 REPO = "nydus/app"
@@ -68,12 +69,12 @@ def test_classify_by_label_presence() -> None:
 @pytest.mark.parametrize("compress", ["gzip", "zstd", "none"])
 @pytest.mark.parametrize("name", ["image/image.boot", "./image/image.boot", "image.boot"])
 def test_extract_bootstrap(compress: str, name: str) -> None:
-    assert nydus.extract_bootstrap(boot_tar({name: b"BOOT"}, compress), 100) == b"BOOT"
+    assert bootstrap_tar.extract_bootstrap(boot_tar({name: b"BOOT"}, compress), 100) == b"BOOT"
 
 
 def test_new_location_wins_over_the_legacy_one() -> None:
     blob = boot_tar({"image.boot": b"old", "image/image.boot": b"new"})
-    assert nydus.extract_bootstrap(blob, 100) == b"new"
+    assert bootstrap_tar.extract_bootstrap(blob, 100) == b"new"
 
 
 @pytest.mark.parametrize(("blob", "limit"), [
@@ -85,7 +86,7 @@ def test_new_location_wins_over_the_legacy_one() -> None:
 ], ids=["no-bootstrap", "over-limit", "not-a-tar", "corrupt-gzip", "truncated-tar"])
 def test_extract_bootstrap_failures_are_format_errors(blob: bytes, limit: int) -> None:
     with pytest.raises(FormatError):
-        nydus.extract_bootstrap(blob, limit)
+        bootstrap_tar.extract_bootstrap(blob, limit)
 
 
 def test_layer_spec_carries_the_bootstrap() -> None:
@@ -191,7 +192,7 @@ async def test_bootstrap_layer_is_checked_written_and_mounted(
     assert where == mnt
     assert (spec["format"], spec["bootstrap"], spec["digest"], spec["ref"]) == (
         "rafs-v5", str(path), boot_digest, ref)
-    assert spec["toc_digest"] == nydus.sha256_digest(boot)
+    assert spec["toc_digest"] == bootstrap_tar.sha256_digest(boot)
     blob_gets = [r for r in registry.requests if r.path.endswith(blob_digest)]
     assert blob_gets and all(r.method == "HEAD" for r in blob_gets)  # size only, no data
     lazy.check(7)
@@ -298,5 +299,5 @@ async def test_restore_serves_bootstraps_again_and_blobs_stay_available(
     assert set(manager.started) == {5}
     spec = manager.started[5][1]
     assert spec["bootstrap"] == str(Path(boot_mnt).parent / "image.boot")
-    assert spec["toc_digest"] == nydus.sha256_digest(boot) and spec["format"] == "rafs-v5"
+    assert spec["toc_digest"] == bootstrap_tar.sha256_digest(boot) and spec["format"] == "rafs-v5"
     lazy.check(4)

@@ -10,11 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from snapshotter import nydus
 from snapshotter.cache.chunkcache import ChunkCache, chunk_key
-from snapshotter.convert.tree import Spec
-from snapshotter.convert.write_v5 import write_v5
-from snapshotter.convert.write_v6 import write_v6
 from snapshotter.errdefs import (
     BlobNotFound,
     DaemonError,
@@ -22,13 +18,16 @@ from snapshotter.errdefs import (
     FormatError,
     RangeNotSatisfiable,
 )
-from snapshotter.formats import chunkcodec
+from snapshotter.formats import bootstrap_tar, chunkcodec
 from snapshotter.formats.index import LayerIndex, Node, NodeKind
 from snapshotter.fs import rafs_opener
 from snapshotter.fs.control import LayerSpec, LayerStatus
 from snapshotter.fs.daemon import LayerManager
 from snapshotter.fs.ops import LayerOperations
-from snapshotter.remote.base import BlobFetcher
+from snapshotter.registry.base import BlobFetcher
+from snapshotter.tools.convert.tree import Spec
+from snapshotter.tools.convert.write_v5 import write_v5
+from snapshotter.tools.convert.write_v6 import write_v6
 from tests.unit.test_fs_fakes import FakeFetcher
 from tests.unit.test_nydus import boot_tar
 from tests.unit.test_rafs_writer import FIXTURES
@@ -91,7 +90,7 @@ async def manager(tmp_path: Path) -> AsyncIterator[tuple[Make, LayerOperations]]
 
 def spec_for(path: Path, boot: bytes, fmt: str, **kw: object) -> LayerSpec:
     return LayerSpec(layer_id=1, ref=REF, digest="sha256:" + "9" * 64,
-                     toc_digest=nydus.sha256_digest(boot), format=fmt, bootstrap=str(path),
+                     toc_digest=bootstrap_tar.sha256_digest(boot), format=fmt, bootstrap=str(path),
                      **kw)  # type: ignore[arg-type]
 
 
@@ -115,7 +114,7 @@ async def test_open_layer_from_a_bootstrap_file(tmp_path: Path, boot_path: Path,
     boot = boot_path.read_bytes()
     path = write_bootstrap(tmp_path, boot)
     index, raw = await rafs_opener.open_layer(rafs_opener.FileBlob(str(path), "x"),
-                                              nydus.sha256_digest(boot))
+                                              bootstrap_tar.sha256_digest(boot))
     assert raw == boot and index.format == fmt
     assert index.blob_size == sum(len(b) for b in fixture_blobs(boot_path.parent).values())
 

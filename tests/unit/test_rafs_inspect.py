@@ -14,8 +14,8 @@ import pytest
 
 from snapshotter.errdefs import DigestMismatch, FormatError
 from snapshotter.formats import rafs
-from snapshotter.inspect import tree_json
-from snapshotter.inspect_rafs import (
+from snapshotter.tools.inspect.estargz import tree_json
+from snapshotter.tools.inspect.rafs import (
     add_arguments,
     bootstrap_from_tar,
     inspect_rafs,

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 
 from snapshotter.errdefs import FormatError
-from snapshotter.formats import chunkcodec, rafs, rafs_v5
+from snapshotter.formats import chunkcodec, rafs
 from snapshotter.formats.index import ROOT_INO, LayerIndex, Node, NodeKind
-from snapshotter.inspect import tree_json
+from snapshotter.formats.rafs import v5 as rafs_v5
+from snapshotter.tools.inspect.estargz import tree_json
 from tests.unit.test_rafs_writer import FIXTURES, SAMPLE, Image, Spec, write_v5
 
 V5 = FIXTURES / "rafs-v5-sha256-nocompress"

@@ -14,8 +14,9 @@ import subprocess
 import pytest
 
 from snapshotter.errdefs import FormatError
-from snapshotter.formats import erofs, rafs, rafs_v6
+from snapshotter.formats import erofs, rafs
 from snapshotter.formats.index import ROOT_INO, LayerIndex, NodeKind
+from snapshotter.formats.rafs import v6 as rafs_v6
 from tests.unit.test_rafs_v5 import _check_round_trip, lookup, read_file
 from tests.unit.test_rafs_writer import FIXTURES, SAMPLE, Spec, write_v6
 

@@ -1,6 +1,6 @@
 """The RAFS v5 and v6 writers as the reader tests use them, plus the writers' self-checks.
 
-The writers now live in ``snapshotter.convert`` (the converter uses them); this module
+The writers now live in ``snapshotter.tools.convert`` (the converter uses them); this module
 keeps the names the tests import, with a 4 KiB default chunk size. ``write_v5`` and
 ``write_v6`` lay a tree out the way nydus-image does (protocol-reference §5.5/§5.6): v5
 with breadth-first child ranges in the inode table and one record per name, v6 as an
@@ -18,9 +18,9 @@ import struct
 import subprocess
 from pathlib import Path
 
-from snapshotter.convert.tree import BS, Image, Spec, encode_rdev
-from snapshotter.convert.write_v5 import write_v5 as _write_v5
-from snapshotter.convert.write_v6 import write_v6 as _write_v6
+from snapshotter.tools.convert.tree import BS, Image, Spec, encode_rdev
+from snapshotter.tools.convert.write_v5 import write_v5 as _write_v5
+from snapshotter.tools.convert.write_v6 import write_v6 as _write_v6
 
 __all__ = ["BS", "FIXTURES", "SAMPLE", "Image", "Spec", "encode_rdev", "write_v5", "write_v6"]
 

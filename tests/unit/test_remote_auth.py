@@ -1,4 +1,4 @@
-"""Credentials, challenge parsing and the token flow (snapshotter.remote.auth), no network."""
+"""Credentials, challenge parsing and the token flow (snapshotter.registry.auth), no network."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 from snapshotter.errdefs import ConfigError, RegistryAuthError, RegistryUnavailable
-from snapshotter.remote.auth import (
+from snapshotter.registry.auth import (
     DEFAULT_TOKEN_LIFETIME,
     Authenticator,
     Challenge,

@@ -1,4 +1,4 @@
-"""Registry host configuration (snapshotter.remote.hosts)."""
+"""Registry host configuration (snapshotter.registry.hosts)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from snapshotter.errdefs import ConfigError
-from snapshotter.remote.hosts import DEFAULTS, Endpoint, HostsConfig
+from snapshotter.registry.hosts import DEFAULTS, Endpoint, HostsConfig
 
 
 def test_defaults_match_the_documented_table() -> None:
@@ -23,7 +23,7 @@ def test_defaults_match_the_documented_table() -> None:
 
 
 def test_every_key_is_documented() -> None:
-    import snapshotter.remote.hosts as hosts
+    import snapshotter.registry.hosts as hosts
 
     assert hosts.__doc__ is not None
     for key, default in DEFAULTS.items():

@@ -1,4 +1,4 @@
-"""Platform normalisation and index entry selection (snapshotter.remote.platforms)."""
+"""Platform normalisation and index entry selection (snapshotter.registry.platforms)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from snapshotter.errdefs import FormatError, InvalidArgument, NotFound
-from snapshotter.remote.platforms import Platform, current_platform, normalize, select_manifest
+from snapshotter.registry.platforms import Platform, current_platform, normalize, select_manifest
 
 
 def _entry(digest: str, os: str, arch: str, variant: str | None = None) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Byte-range sets and HTTP range formats (snapshotter.remote.ranges), property-tested."""
+"""Byte-range sets and HTTP range formats (snapshotter.registry.ranges), property-tested."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from snapshotter.errdefs import InvalidArgument
-from snapshotter.remote import ranges as rng
-from snapshotter.remote.ranges import RangeFormatError
+from snapshotter.registry import ranges as rng
+from snapshotter.registry.ranges import RangeFormatError
 
 SIZE = 4096
 # Fixed, non-periodic content: an offset error of any size shows up as different bytes.

@@ -1,11 +1,11 @@
-"""Image reference parsing and normalisation (snapshotter.remote.reference)."""
+"""Image reference parsing and normalisation (snapshotter.registry.reference)."""
 
 from __future__ import annotations
 
 import pytest
 
 from snapshotter.errdefs import InvalidArgument
-from snapshotter.remote.reference import (
+from snapshotter.registry.reference import (
     DOCKER_HUB_HOST,
     Reference,
     normalize_host,

@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 
 from snapshotter.errdefs import RegistryAuthError
-from snapshotter.remote.auth import Credentials, CredentialStore
-from snapshotter.remote.fakeregistry import FakeRegistry, FakeStorage
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.registry import RegistryClient
-from snapshotter.remote.retry import RetryPolicy
+from snapshotter.registry.auth import Credentials, CredentialStore
+from snapshotter.registry.hosts import HostsConfig
+from snapshotter.registry.registry import RegistryClient
+from snapshotter.registry.retry import RetryPolicy
+from tests.fakeregistry import FakeRegistry, FakeStorage
 
 REPO = "private/app"
 DATA = bytes(range(256)) * 64

@@ -16,12 +16,12 @@ from snapshotter.errdefs import (
     RegistryTimeout,
     RegistryUnavailable,
 )
-from snapshotter.remote.auth import CredentialStore
-from snapshotter.remote.base import BlobFetcher
-from snapshotter.remote.fakeregistry import FakeRegistry, FakeStorage
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.registry import RegistryClient
-from snapshotter.remote.retry import RetryPolicy
+from snapshotter.registry.auth import CredentialStore
+from snapshotter.registry.base import BlobFetcher
+from snapshotter.registry.hosts import HostsConfig
+from snapshotter.registry.registry import RegistryClient
+from snapshotter.registry.retry import RetryPolicy
+from tests.fakeregistry import FakeRegistry, FakeStorage
 
 REPO = "library/app"
 DATA = b"".join(hashlib.sha256(i.to_bytes(4, "little")).digest() for i in range(10_000))

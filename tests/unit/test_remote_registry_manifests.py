@@ -9,11 +9,10 @@ from collections.abc import AsyncIterator
 import pytest
 
 from snapshotter.errdefs import BlobNotFound, DigestMismatch, FormatError, NotFound
-from snapshotter.remote.auth import CredentialStore
-from snapshotter.remote.fakeregistry import FakeRegistry
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.platforms import Platform, current_platform
-from snapshotter.remote.registry import (
+from snapshotter.registry.auth import CredentialStore
+from snapshotter.registry.hosts import HostsConfig
+from snapshotter.registry.platforms import Platform, current_platform
+from snapshotter.registry.registry import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
     MANIFEST_ACCEPT,
@@ -21,7 +20,8 @@ from snapshotter.remote.registry import (
     OCI_MANIFEST,
     RegistryClient,
 )
-from snapshotter.remote.retry import RetryPolicy
+from snapshotter.registry.retry import RetryPolicy
+from tests.fakeregistry import FakeRegistry
 
 REPO = "team/app"
 

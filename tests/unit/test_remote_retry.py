@@ -1,4 +1,4 @@
-"""Classified retries with an injectable clock (snapshotter.remote.retry)."""
+"""Classified retries with an injectable clock (snapshotter.registry.retry)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from snapshotter.errdefs import (
     RegistryTimeout,
     RegistryUnavailable,
 )
-from snapshotter.remote.retry import (
+from snapshotter.registry.retry import (
     RegistryThrottled,
     RetryPolicy,
     error_for_status,

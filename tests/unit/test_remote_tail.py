@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator
 import pytest
 
 from snapshotter.errdefs import BlobNotFound
-from snapshotter.remote.fakeregistry import FakeRegistry
-from snapshotter.remote.fetcher import read_tail
+from snapshotter.registry.fetcher import read_tail
+from tests.fakeregistry import FakeRegistry
 from tests.unit.test_fs_fakes import FakeFetcher
 from tests.unit.test_remote_registry_blobs import DATA, REPO, make_client
 

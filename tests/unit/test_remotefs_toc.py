@@ -10,12 +10,12 @@ import pytest
 
 from snapshotter import labels as L
 from snapshotter.config import Config
-from snapshotter.remote.auth import CredentialStore
-from snapshotter.remote.fakeregistry import FakeRegistry
-from snapshotter.remote.hosts import HostsConfig
-from snapshotter.remote.registry import RegistryClient
-from snapshotter.remotefs import LazyLayers
+from snapshotter.lazy.layers import LazyLayers
+from snapshotter.registry.auth import CredentialStore
+from snapshotter.registry.hosts import HostsConfig
+from snapshotter.registry.registry import RegistryClient
 from tests import estargz_writer as ew
+from tests.fakeregistry import FakeRegistry
 from tests.unit.test_nydus import FakeManager, mountpoint
 
 REPO = "esgz/app"

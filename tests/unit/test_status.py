@@ -21,7 +21,7 @@ from snapshotter.fs.control import DaemonStatus, LayerStatus
 from snapshotter.metastore.store import MetaStore
 from snapshotter.metrics.collector import StatusQuery
 from snapshotter.model import Kind
-from snapshotter.status import (
+from snapshotter.tools.status import (
     EXIT_DOWN,
     EXIT_OK,
     EXIT_UNREADABLE,

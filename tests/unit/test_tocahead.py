@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from snapshotter import labels as L
-from snapshotter.tocahead import Fetched, TocLookahead
+from snapshotter.lazy.tocahead import Fetched, TocLookahead
 
 REF = "registry.test/app:1"
 D = ["sha256:" + c * 64 for c in "abcdef"]

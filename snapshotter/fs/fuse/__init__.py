@@ -1,0 +1,3 @@
+"""The FUSE protocol, in a daemon: wire layouts, the session on /dev/fuse, passthrough
+bookkeeping, kernel knobs.
+"""

@@ -1,0 +1,1 @@
+"""Operating-system plumbing shared by serve and the daemons: mounts."""

@@ -1,0 +1,1 @@
+"""Operators' tools: status, inspect, convert."""

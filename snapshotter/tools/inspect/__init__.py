@@ -1,0 +1,1 @@
+"""``lazysnap inspect``: eStargz blobs and RAFS bootstraps."""
