@@ -12,12 +12,16 @@ Each daemon is watched through its pidfd; when one exits unexpectedly it is rest
 with exponential backoff (at most ``restart_limit`` times in ``RESTART_WINDOW`` seconds)
 and its layers are mounted again at the same places.
 
-Modes (``DaemonConfig.mode``): *dedicated* mounts FUSE directly on the snapshot's ``fs``;
+Modes (``DaemonSettings.mode``): *dedicated* mounts FUSE directly on the snapshot's ``fs``;
 *shared* mounts one FUSE file system at ``<root>/fuse/shared`` whose subdirectory
 ``<sid>`` is bind-mounted on the snapshot's ``fs``. In shared mode ``start()`` also starts
 the shared daemon (in the background) when none is running, so that the first pull does
 not wait for a Python process to start; it stops when its last layer is unmounted and is
 started again by the next mount.
+
+The manager depends on the daemon contract (``snapshotter.daemonapi``: specs, settings,
+the typed control client) and on the metastore, not on the daemon's internals or on the
+configuration as a whole: ``DaemonSettings`` carries what it needs.
 """
 
 from __future__ import annotations
@@ -25,23 +29,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import logging
 import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from daemon_manager import process
 from daemon_manager.records import DaemonRecord, DaemonState, DaemonTable
 from daemon_manager.zygote import ZygoteClient
-from snapshotter.config import Config
+from snapshotter.daemonapi.client import ControlClient
+from snapshotter.daemonapi.enums import DaemonMode
+from snapshotter.daemonapi.reasons import LayerFailed
+from snapshotter.daemonapi.specs import DaemonSettings, LayerSpec
+from snapshotter.daemonapi.status import DaemonStatus, LayerStatus
 from snapshotter.errdefs import DaemonError, LazysnapError, Unavailable
 from snapshotter.metastore.store import MetaStore
+from snapshotter.osutil.files import write_json_atomically
 from snapshotter.osutil.mountutil import MNT_DETACH, MS_BIND, mount, unmount
 
 log = logging.getLogger(__name__)
@@ -50,12 +58,12 @@ SHARED_ID = "shared"
 
 
 class DaemonControl(Protocol):
-    """The control-socket client the manager needs (``snapshotter.fs.control``)."""
+    """The control-socket client the manager needs (``daemonapi.client.ControlClient``)."""
 
-    async def status(self) -> object: ...
-    async def add_layer(self, spec: dict[str, Any]) -> object: ...
+    async def status(self) -> DaemonStatus: ...
+    async def add_layer(self, spec: LayerSpec) -> LayerStatus: ...
     async def remove_layer(self, layer_id: int) -> None: ...
-    async def wait_ready(self, layer_id: int, timeout: float) -> object: ...
+    async def wait_ready(self, layer_id: int, timeout: float) -> LayerStatus: ...
     async def shutdown(self) -> None: ...
     async def aclose(self) -> None: ...
 
@@ -64,10 +72,7 @@ ControlFactory = Callable[[str], DaemonControl]
 
 
 def _default_control(path: str) -> DaemonControl:
-    from snapshotter.fs.control import ControlClient
-
-    client: DaemonControl = ControlClient(path)
-    return client
+    return ControlClient(path)
 
 
 @dataclass
@@ -76,7 +81,7 @@ class _Live:
 
     rec: DaemonRecord
     task: asyncio.Task[None] | None = None
-    layers: dict[int, dict[str, Any]] = field(default_factory=dict)
+    layers: dict[int, LayerSpec] = field(default_factory=dict)
     restarts: list[float] = field(default_factory=list)
     stopping: bool = False
 
@@ -86,16 +91,16 @@ class DaemonManager:
 
     def __init__(
         self,
-        config: Config,
+        settings: DaemonSettings,
         store: MetaStore,
         control_factory: ControlFactory = _default_control,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
+        self.settings = settings
         self.table = DaemonTable(store)
         self.control_factory = control_factory
         self.clock = clock
-        self.root = Path(config.root)
+        self.root = settings.root
         self.run_dir = self.root / "daemons"
         self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.live: dict[str, _Live] = {}
@@ -108,14 +113,14 @@ class DaemonManager:
         self.reattached_total = 0
 
     @property
-    def mode(self) -> str:
-        return self.config.daemon.mode
+    def mode(self) -> DaemonMode:
+        return self.settings.mode
 
     # --- public API -------------------------------------------------------------------------
 
-    async def mount(self, sid: int, mountpoint: str, spec: dict[str, Any]) -> None:
+    async def mount(self, sid: int, mountpoint: str, spec: LayerSpec) -> None:
         async with self.lock:
-            if self.mode == "shared":
+            if self.mode is DaemonMode.SHARED:
                 await self._mount_shared(sid, mountpoint, spec)
             else:
                 await self._mount_dedicated(sid, mountpoint, spec)
@@ -137,7 +142,8 @@ class DaemonManager:
                     await self._stop(SHARED_ID)
                     return
                 with contextlib.suppress(LazysnapError, OSError):
-                    await self._client_call(shared.rec, "remove_layer", sid)
+                    async with self._control(shared.rec) as control:
+                        await control.remove_layer(sid)
 
     def check(self, sid: int) -> None:
         live = self.live.get(f"layer-{sid}") or self.live.get(SHARED_ID)
@@ -150,14 +156,15 @@ class DaemonManager:
     def records(self) -> list[DaemonRecord]:
         return [lv.rec for lv in self.live.values()]
 
-    async def start(self, wanted: dict[int, tuple[str, dict[str, Any]]]) -> None:
+    async def start(self, wanted: dict[int, tuple[str, LayerSpec]]) -> None:
         """Re-attach or restart daemons for the remote snapshots in ``wanted``.
 
         ``wanted`` maps snapshot id -> (mountpoint, spec) for every remote snapshot in
         the metastore. Daemon records for snapshots no longer wanted are torn down.
         """
         for rec in self.table.all():
-            sids = [int(layer["layer_id"]) for layer in rec.spec.get("layers", [])]
+            sids = [int(layer["layer_id"]) for layer in rec.spec.get("layers", [])
+                    if isinstance(layer, dict) and isinstance(layer.get("layer_id"), int)]
             keep = {s for s in sids if s in wanted}
             if keep and await self._reattach(rec, keep, wanted):
                 continue
@@ -168,9 +175,9 @@ class DaemonManager:
                     await self.mount(sid, mountpoint, spec)
                 except DaemonError as e:
                     log.error("cannot restore remote snapshot %d: %s", sid, e)
-        if self.mode == "shared" and SHARED_ID not in self.live:
+        if self.mode is DaemonMode.SHARED and SHARED_ID not in self.live:
             self._prestart = asyncio.create_task(self._prestart_shared(), name="prestart")
-        if self.mode == "dedicated" and self.config.daemon.zygote and self._zygote is None:
+        if self.mode is DaemonMode.DEDICATED and self.settings.zygote and self._zygote is None:
             self._start_zygote()
 
     async def _prestart_shared(self) -> None:
@@ -201,11 +208,11 @@ class DaemonManager:
 
     # --- dedicated mode -------------------------------------------------------------------
 
-    async def _mount_dedicated(self, sid: int, mountpoint: str, spec: dict[str, Any]) -> None:
+    async def _mount_dedicated(self, sid: int, mountpoint: str, spec: LayerSpec) -> None:
         did = f"layer-{sid}"
         rec = DaemonRecord(
-            id=did, mode="dedicated", control=str(self.run_dir / f"{did}.sock"),
-            mountpoint=mountpoint, spec={"layers": [spec]},
+            id=did, mode=DaemonMode.DEDICATED.value, control=str(self.run_dir / f"{did}.sock"),
+            mountpoint=mountpoint, spec={"layers": [spec.to_json()]},
         )
         live = _Live(rec=rec, layers={sid: spec})
         await self._launch(live)
@@ -213,7 +220,7 @@ class DaemonManager:
 
     # --- shared mode ----------------------------------------------------------------------
 
-    async def _mount_shared(self, sid: int, mountpoint: str, spec: dict[str, Any]) -> None:
+    async def _mount_shared(self, sid: int, mountpoint: str, spec: LayerSpec) -> None:
         live = self.live.get(SHARED_ID)
         if live is None:
             live = self._shared_live()
@@ -225,7 +232,10 @@ class DaemonManager:
             live.layers.pop(sid, None)
             self._persist(live, live.rec.state)
             with contextlib.suppress(LazysnapError, OSError):
-                await self._client_call(live.rec, "remove_layer", sid)
+                async with self._control(live.rec) as control:
+                    await control.remove_layer(sid)
+            if isinstance(e, LayerFailed):
+                raise
             raise DaemonError(f"shared daemon cannot serve snapshot {sid}: {e}") from e
         self.mountpoints[sid] = mountpoint
 
@@ -234,25 +244,25 @@ class DaemonManager:
         shared_mnt = self.root / "fuse" / SHARED_ID
         shared_mnt.mkdir(parents=True, exist_ok=True)
         rec = DaemonRecord(
-            id=SHARED_ID, mode="shared", control=str(self.run_dir / "shared.sock"),
+            id=SHARED_ID, mode=DaemonMode.SHARED.value, control=str(self.run_dir / "shared.sock"),
             mountpoint=str(shared_mnt), spec={"layers": []},
         )
         return _Live(rec=rec)
 
-    async def _add_shared_layer(self, live: _Live, sid: int, spec: dict[str, Any]) -> None:
+    async def _add_shared_layer(self, live: _Live, sid: int, spec: LayerSpec) -> None:
         live.layers[sid] = spec
         self._persist(live, live.rec.state)
-        await self._client_call(live.rec, "add_layer", spec)
-        await self._client_call(live.rec, "wait_ready", sid, self.config.remote.mount_timeout)
+        async with self._control(live.rec) as control:
+            await control.add_layer(spec)
+            await control.wait_ready(sid, self.settings.ready_timeout)
 
     # --- launching and supervision --------------------------------------------------------
 
     def _argv(self, rec: DaemonRecord) -> list[str]:
         conf_path = self.run_dir / f"{rec.id}.json"
-        conf = daemon_config(self.config, list(rec.spec.get("layers", [])))
-        tmp = conf_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(conf, indent=1, sort_keys=True))
-        tmp.replace(conf_path)
+        spec = dataclasses.replace(self.settings.template, layers=tuple(
+            LayerSpec.from_json(layer) for layer in rec.spec.get("layers", [])))
+        write_json_atomically(conf_path, spec.to_json())
         return [
             sys.executable, "-m", "snapshotter.fs", "--mode", rec.mode,
             "--mountpoint", rec.mountpoint, "--control", rec.control,
@@ -329,7 +339,7 @@ class DaemonManager:
             self._zygote_pid = 0
 
     async def _wait_ready(self, live: _Live, watch: process.ProcessWatch) -> None:
-        timeout = self.config.remote.mount_timeout
+        timeout = self.settings.ready_timeout
         ready = asyncio.ensure_future(self._all_ready(live, timeout))
         died = asyncio.ensure_future(watch.exited())
         try:
@@ -348,8 +358,9 @@ class DaemonManager:
         raise DaemonError(f"daemon {live.rec.id} not ready after {timeout:.0f}s: {tail}")
 
     async def _all_ready(self, live: _Live, timeout: float) -> None:
-        for sid in live.layers:
-            await self._client_call(live.rec, "wait_ready", sid, timeout)
+        async with self._control(live.rec) as control:
+            for sid in live.layers:
+                await control.wait_ready(sid, timeout)
 
     async def _supervise(self, live: _Live, watch: process.ProcessWatch) -> None:
         while True:
@@ -367,7 +378,7 @@ class DaemonManager:
     async def _restart(self, live: _Live) -> process.ProcessWatch | None:
         now = self.clock()
         live.restarts = [t for t in live.restarts if now - t < RESTART_WINDOW]
-        cfg = self.config.daemon
+        cfg = self.settings
         while len(live.restarts) < cfg.restart_limit:
             delay = min(cfg.restart_backoff * (2 ** len(live.restarts)), cfg.restart_backoff_max)
             live.restarts.append(now)
@@ -420,8 +431,9 @@ class DaemonManager:
         """Stop ``rec``'s process and unmount it; the record is deleted."""
         self.table.delete(rec.id)
         if process.is_our_daemon(rec.pid, rec.control):
-            with contextlib.suppress(LazysnapError, OSError):
-                await asyncio.wait_for(self._client_call(rec, "shutdown"), 5)
+            with contextlib.suppress(LazysnapError, OSError, TimeoutError):
+                async with self._control(rec) as control:
+                    await asyncio.wait_for(control.shutdown(), 5)
             watch = process.ProcessWatch(rec.pid)
             try:
                 await asyncio.wait_for(watch.exited(), 5)
@@ -435,12 +447,13 @@ class DaemonManager:
                 (self.run_dir / f"{rec.id}{suffix}").unlink()
 
     async def _reattach(
-        self, rec: DaemonRecord, keep: set[int], wanted: dict[int, tuple[str, dict[str, Any]]]
+        self, rec: DaemonRecord, keep: set[int], wanted: dict[int, tuple[str, LayerSpec]]
     ) -> bool:
         if rec.state is not DaemonState.RUNNING or not process.is_our_daemon(rec.pid, rec.control):
             return False
         try:
-            await asyncio.wait_for(self._client_call(rec, "status"), 5)
+            async with self._control(rec) as control:
+                await asyncio.wait_for(control.status(), 5)
         except (LazysnapError, OSError, TimeoutError):
             return False
         live = _Live(rec=rec, layers={s: wanted[s][1] for s in keep})
@@ -457,32 +470,18 @@ class DaemonManager:
 
     def _persist(self, live: _Live, state: DaemonState) -> None:
         live.rec = live.rec.with_(
-            state=state, spec={"layers": list(live.layers.values())}, updated_ns=time.time_ns())
+            state=state, spec={"layers": [spec.to_json() for spec in live.layers.values()]},
+            updated_ns=time.time_ns())
         self.table.put(live.rec)
 
-    async def _client_call(self, rec: DaemonRecord, method: str, *args: Any) -> Any:
+    @contextlib.asynccontextmanager
+    async def _control(self, rec: DaemonRecord) -> AsyncIterator[DaemonControl]:
+        """A client of ``rec``'s control socket, closed after use."""
         client = self.control_factory(rec.control)
         try:
-            return await getattr(client, method)(*args)
+            yield client
         finally:
             await client.aclose()
-
-
-def daemon_config(config: Config, layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """The JSON configuration a daemon process is started with."""
-    return {
-        "cache_dir": config.cache_dir,
-        "cache_limit_bytes": config.cache.limit_bytes,
-        "log_level": config.log_level.upper(),
-        "entry_timeout": config.remote.entry_timeout,
-        "attr_timeout": config.remote.attr_timeout,
-        "read_ahead_kib": config.remote.read_ahead_kib,
-        "fuse_spin_us": config.remote.fuse_spin_us,
-        "memory_limit_bytes": config.daemon.memory_limit,
-        "toc_limits": config.toc_limits().to_json(),
-        "registry": dataclasses.asdict(config.registry),
-        "layers": layers,
-    }
 
 
 def _lazy_unmount(path: str) -> None:

@@ -103,6 +103,7 @@ class App:
     ) -> RemoteSnapshotter:
         """The snapshotter with its remote layers served again (re-attached or restarted)."""
         from daemon_manager.manager import DaemonManager
+        from snapshotter.daemonapi.specs import daemon_settings
         from snapshotter.lazy.layers import LazyLayers, registry_hosts
         from snapshotter.metrics.collector import Poller
         from snapshotter.metrics.counters import RegistryCounters
@@ -113,7 +114,7 @@ class App:
         client = RegistryClient(registry_hosts(cfg), stats=counters.stats,
                                 session_factory=counters.session_factory)
         stack.push_async_callback(client.aclose)
-        manager = DaemonManager(cfg, store)
+        manager = DaemonManager(daemon_settings(cfg), store)
         stack.push_async_callback(manager.aclose)
         self.metrics.watch(Poller(manager, counters, daemon_mode=cfg.daemon.mode,
                                   cache_limit_bytes=cfg.cache.limit_bytes))

@@ -9,20 +9,20 @@ through ``Config.with_overrides``. ``version = 1`` is the only version so far.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from snapshotter.daemonapi.enums import DaemonMode
 from snapshotter.errdefs import ConfigError
 from snapshotter.formats import limits
 
 CONFIG_VERSION = 1
 DEFAULT_CONFIG_PATH = "/etc/lazysnap/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
-DAEMON_MODES = ("dedicated", "shared")
+DAEMON_MODES = tuple(str(m) for m in DaemonMode)
 GiB = 1 << 30
 
 
@@ -104,7 +104,7 @@ class DaemonConfig:
     """How FUSE daemons are run and supervised."""
 
     # "dedicated": one daemon process per remote snapshot; "shared": one for all.
-    mode: str = "dedicated"
+    mode: str = DaemonMode.DEDICATED.value
     # Restarts of a dying daemon before it is given up (per 10 minutes).
     restart_limit: int = 5
     # First and largest delay between restarts, seconds.
@@ -201,24 +201,6 @@ class Config:
         return limits.TocLimits(toc_bytes=remote.max_toc_bytes, entries=remote.max_toc_entries,
                                 implicit_dirs=remote.max_implicit_dirs)
 
-    def layer_fetch_settings(self) -> dict[str, Any]:
-        """The keys of a daemon's layer spec (``fs.control.LayerSpec``) that every remote
-        layer, eStargz or nydus, takes from ``[remote]``: prefetch, background fetch,
-        read-ahead and amplification."""
-        remote = self.remote
-        return {
-            "prefetch_timeout_s": remote.prefetch_timeout,
-            "background_fetch": remote.background_fetch,
-            "background_rate_bytes_per_s": remote.background_rate,
-            "background_silence_s": remote.background_silence,
-            "activity_file": self.activity_file,
-            "readahead_chunks": remote.readahead_chunks,
-            "amplify_bytes": remote.amplify_bytes,
-            "dir_ahead_bytes": remote.dir_ahead_bytes,
-            "dir_ahead_file_bytes": remote.dir_ahead_file_bytes,
-            "whole_file_bytes": remote.whole_file_bytes,
-        }
-
     def with_overrides(self, **flags: str | None) -> Config:
         """Return a copy with the top-level keys given (non-None) replaced."""
         changes: dict[str, Any] = {k: v for k, v in flags.items() if v is not None}
@@ -251,6 +233,8 @@ def load(path: str | Path | None) -> Config:
 
 def parse(text: str, source: str = "<config>") -> Config:
     """Parse TOML text into a Config; raise ConfigError naming the offending key."""
+    import tomllib  # here: the daemons import this module for its defaults, not to parse
+
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:

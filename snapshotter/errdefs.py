@@ -116,5 +116,9 @@ class RemoteLayerError(LazysnapError):
         self.reason = reason
 
 
+class NoTocDigest(InvalidArgument):
+    """A layer has no TOC digest to verify against and verification may not be skipped."""
+
+
 class DaemonError(LazysnapError):
     """A FUSE daemon failed to start, to become ready, or to answer its control socket."""

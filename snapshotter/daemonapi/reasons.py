@@ -10,6 +10,8 @@ same table (``reason_for``), so a daemon's own refusal (its layer error reads
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from snapshotter.errdefs import (
     BlobNotFound,
@@ -19,6 +21,7 @@ from snapshotter.errdefs import (
     InvalidArgument,
     LazysnapError,
     LimitExceeded,
+    NoTocDigest,
     RegistryAuthError,
     RegistryError,
     RegistryTimeout,
@@ -54,44 +57,57 @@ class Reason(enum.StrEnum):
 _TABLE: tuple[tuple[type[BaseException], Reason], ...] = (
     (DigestMismatch, Reason.DIGEST_MISMATCH),
     (LimitExceeded, Reason.LIMIT_EXCEEDED),
-    (FormatError, Reason.INVALID_TOC),  # replaced by the caller's format reason
+    (FormatError, Reason.FORMAT_ERROR),
     (BlobNotFound, Reason.BLOB_NOT_FOUND),
     (RegistryAuthError, Reason.REGISTRY_AUTH),
     (RegistryTimeout, Reason.TIMEOUT),
     (RegistryUnavailable, Reason.REGISTRY_UNAVAILABLE),
     (RegistryError, Reason.REGISTRY_ERROR),
+    (NoTocDigest, Reason.NO_TOC_DIGEST),
     (InvalidArgument, Reason.INVALID_LAYER),
     (MemoryError, Reason.RESOURCE_LIMIT),
 )
+"""The one table: an error's class to its reason, first match wins."""
 
 
-def reason_for(exc: BaseException, *, format_reason: Reason = Reason.INVALID_TOC,
-               timeout_reason: Reason = Reason.TIMEOUT,
-               other: Reason = Reason.INTERNAL) -> Reason:
-    """The reason for ``exc``: the first row of the table it is an instance of.
+@dataclass(frozen=True)
+class Wording:
+    """How one place names the table's reasons: ``renames`` maps a reason of the table to
+    the one used there, ``other`` names what the table does not."""
 
-    ``format_reason`` names a malformed index (``INVALID_TOC``, ``INVALID_BOOTSTRAP``; a
-    daemon says ``FORMAT_ERROR``); ``timeout_reason`` a registry timeout (a daemon, whose
-    reads retry, says ``REGISTRY_UNAVAILABLE``); ``other`` anything the table does not
-    name. A ``RemoteLayerError`` or ``LayerFailed`` keeps its own reason.
-    """
+    renames: Mapping[Reason, Reason]
+    other: Reason
+
+
+ESTARGZ_CHECK = Wording({Reason.FORMAT_ERROR: Reason.INVALID_TOC,
+                         Reason.REGISTRY_UNAVAILABLE: Reason.REGISTRY_ERROR,
+                         Reason.INVALID_LAYER: Reason.INVALID_SOURCE,
+                         Reason.RESOURCE_LIMIT: Reason.LIMIT_EXCEEDED}, Reason.INVALID_SOURCE)
+"""serve's check of an eStargz layer."""
+NYDUS_CHECK = Wording({**ESTARGZ_CHECK.renames, Reason.FORMAT_ERROR: Reason.INVALID_BOOTSTRAP},
+                      Reason.INVALID_SOURCE)
+"""serve's check of a nydus bootstrap layer."""
+DAEMON = Wording({Reason.TIMEOUT: Reason.REGISTRY_UNAVAILABLE}, Reason.INTERNAL)
+"""A daemon opening a layer (its registry reads retry, so a timeout is unavailability)."""
+
+
+def reason_for(exc: BaseException, wording: Wording) -> Reason:
+    """The reason for ``exc`` in ``wording``: the first row of the table ``exc`` is an
+    instance of, renamed as ``wording`` says. A ``RemoteLayerError`` or ``LayerFailed``
+    keeps its own reason."""
     if isinstance(exc, (RemoteLayerError, LayerFailed)):
         return Reason(exc.reason)
     for kind, reason in _TABLE:
         if isinstance(exc, kind):
-            if reason is Reason.INVALID_TOC:
-                return format_reason
-            return timeout_reason if reason is Reason.TIMEOUT else reason
-    return other
+            return wording.renames.get(reason, reason)
+    return wording.other
 
 
-def fallback(exc: LazysnapError, *, format_reason: Reason = Reason.INVALID_TOC,
-             other: Reason = Reason.INVALID_SOURCE) -> RemoteLayerError:
+def fallback(exc: LazysnapError, wording: Wording = ESTARGZ_CHECK) -> RemoteLayerError:
     """``exc`` as the ``RemoteLayerError`` Prepare falls back with (see ``reason_for``)."""
     if isinstance(exc, RemoteLayerError):
         return exc
-    return RemoteLayerError(reason_for(exc, format_reason=format_reason, other=other),
-                            str(exc))
+    return RemoteLayerError(reason_for(exc, wording), str(exc))
 
 
 class LayerFailed(DaemonError):

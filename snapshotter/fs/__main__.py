@@ -3,7 +3,7 @@
     python -m snapshotter.fs --mode dedicated|shared --mountpoint DIR \\
         --control SOCKET --config JSONFILE [--control-fd N]
 
-``--config`` is the JSON described by ``daemon.DaemonConfig.from_json``. ``--control-fd``
+``--config`` is the JSON described by ``daemonapi.specs.DaemonSpec.from_json``. ``--control-fd``
 names an inherited, already-listening unix socket to serve (socket activation); the
 daemon then does not bind ``--control`` itself (the path still identifies it).
 
@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from snapshotter.errdefs import ConfigError, LazysnapError
 
 if TYPE_CHECKING:
-    from snapshotter.fs.daemon import BlobSource, DaemonConfig
+    from snapshotter.daemonapi.specs import DaemonSpec
+    from snapshotter.fs.layers import BlobSource
     from snapshotter.metrics.counters import DaemonCounters, RegistryCounters
     from snapshotter.registry.base import BlobFetcher
 
@@ -98,10 +99,10 @@ class _RegistrySource:
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    from snapshotter.fs.daemon import MODES
+    from snapshotter.daemonapi.enums import DaemonMode
 
     p = argparse.ArgumentParser(prog="python -m snapshotter.fs", description=__doc__.split("\n")[0])
-    p.add_argument("--mode", choices=MODES, required=True)
+    p.add_argument("--mode", choices=[str(m) for m in DaemonMode], required=True)
     p.add_argument("--mountpoint", required=True)
     p.add_argument("--control", required=True, help="control socket path")
     p.add_argument("--control-fd", type=int, default=None, help="inherited listening socket")
@@ -109,15 +110,15 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _load_config(path: str, mode: str) -> DaemonConfig:
-    from snapshotter.fs.daemon import DaemonConfig
+def _load_config(path: str, mode: str) -> DaemonSpec:
+    from snapshotter.daemonapi.specs import DaemonSpec
 
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read daemon config {path}: {exc}") from exc
-    return DaemonConfig.from_json(raw, mode)
+    return DaemonSpec.from_json(raw, mode)
 
 
 def _inherited_socket(fd: int | None) -> socket.socket | None:
@@ -129,7 +130,7 @@ def _inherited_socket(fd: int | None) -> socket.socket | None:
 
 
 async def _run(
-    args: argparse.Namespace, config: DaemonConfig, source: BlobSource, counters: DaemonCounters
+    args: argparse.Namespace, config: DaemonSpec, source: BlobSource, counters: DaemonCounters
 ) -> None:
     from snapshotter.fs.daemon import Daemon
 

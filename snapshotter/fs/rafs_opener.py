@@ -27,6 +27,7 @@ import asyncio
 import os
 from collections.abc import Sequence
 
+from snapshotter.daemonapi.enums import RAFS_FORMATS
 from snapshotter.errdefs import (
     BlobNotFound,
     DigestMismatch,
@@ -38,7 +39,7 @@ from snapshotter.formats import bootstrap_tar, detect, rafs
 from snapshotter.formats.index import LayerIndex
 from snapshotter.registry.base import BlobFetcher
 
-FORMATS = (detect.RAFS_V5, detect.RAFS_V6)
+FORMATS = RAFS_FORMATS  # what this module reads (the daemon imports it on first use)
 # The largest bootstrap (and bootstrap layer) the daemon reads: the snapshotter's limit,
 # 256 MiB (see ``bootstrap_tar.MAX_BOOTSTRAP_BYTES`` for why), not the old 1 GiB.
 MAX_BOOTSTRAP_BYTES = bootstrap_tar.MAX_BOOTSTRAP_BYTES

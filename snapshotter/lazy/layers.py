@@ -32,11 +32,12 @@ import os
 import time
 from collections.abc import Awaitable, Mapping
 from pathlib import Path
-from typing import Any
 
 from daemon_manager.manager import DaemonManager
 from snapshotter import labels as L
 from snapshotter.config import Config
+from snapshotter.daemonapi.reasons import ESTARGZ_CHECK, LayerFailed, Reason, fallback
+from snapshotter.daemonapi.specs import LayerSpec, layer_spec
 from snapshotter.errdefs import (
     DaemonError,
     FormatError,
@@ -47,6 +48,7 @@ from snapshotter.formats import estargz
 from snapshotter.lazy import nydus
 from snapshotter.lazy.parsebox import ParseBox
 from snapshotter.lazy.tocahead import Fetched, TocLookahead
+from snapshotter.osutil.files import write_atomically
 from snapshotter.registry.base import BlobFetcher
 from snapshotter.registry.fetcher import read_tail
 from snapshotter.registry.hosts import HostsConfig
@@ -113,8 +115,9 @@ class LazyLayers:
         except TimeoutError:
             raise RemoteLayerError("timeout", f"layer check took over {timeout:.0f}s") from None
         except LazysnapError as e:
-            refused = nydus.classify_error(e, format_reason="invalid_toc")
-            kind = await self.nydus.detect(labels) if refused.reason == "not_estargz" else None
+            refused = fallback(e, ESTARGZ_CHECK)
+            kind = await self.nydus.detect(labels) if refused.reason == Reason.NOT_ESTARGZ \
+                else None
             if kind is None:
                 raise refused from e
             return await self.nydus.mount(sid, mountpoint, labels, kind)
@@ -122,14 +125,17 @@ class LazyLayers:
         ahead = self.config.remote.toc_lookahead_layers
         if ahead > 0:  # this one is eStargz: its followers are likely to be as well
             self.lookahead.start(ref, L.following_layers(labels)[:ahead])
-        spec = self._spec(sid, ref, digest, checked.digest)
         try:
-            spec.update(await asyncio.to_thread(self._save_toc, sid, checked))
+            toc_file = await asyncio.to_thread(self._save_toc, sid, checked)
         except OSError as e:
             self._drop_toc(sid)
-            raise RemoteLayerError("daemon_error", f"cannot keep the TOC: {e}") from e
-        # The TOC's structure is checked (names, types, ranges: build_index) in a worker
-        # thread while the daemon starts, which checks it again with the same code: the
+            raise RemoteLayerError(Reason.DAEMON_ERROR, f"cannot keep the TOC: {e}") from e
+        spec = layer_spec(self.config, layer_id=sid, ref=ref, digest=digest,
+                          toc_digest=checked.digest, skip_verify=checked.digest is None,
+                          toc_file=toc_file, blob_size=checked.blob_size,
+                          toc_offset=checked.toc_offset)
+        # The TOC's structure is checked (names, types, ranges: build_index) in a bounded
+        # worker process while the daemon starts, which checks it again with the same code: the
         # two take about the same time, so a Prepare pays for one of them.
         results = await asyncio.gather(
             self.parsebox.call("estargz_toc", checked.json, checked.blob_size,
@@ -143,13 +149,11 @@ class LazyLayers:
                 await self.manager.unmount(sid)
             self._drop_toc(sid)
             if isinstance(invalid, LazysnapError):
-                raise nydus.classify_error(invalid, format_reason="invalid_toc") from invalid
+                raise fallback(invalid, ESTARGZ_CHECK) from invalid
             raise invalid
         if isinstance(failed, BaseException):
             self._drop_toc(sid)
-            if isinstance(failed, (DaemonError, OSError)):
-                raise RemoteLayerError("daemon_error", str(failed)) from failed
-            raise failed
+            raise daemon_fallback(failed) from failed
         log.debug("layer %s: TOC checked in %.0f ms, mounted %.0f ms later", digest,
                   (checked_at - started) * 1000, (time.monotonic() - checked_at) * 1000)
         return "estargz"
@@ -157,18 +161,15 @@ class LazyLayers:
     def _toc_path(self, sid: int) -> Path:
         return Path(self.config.toc_dir) / f"{sid}.json"
 
-    def _save_toc(self, sid: int, checked: CheckedToc) -> dict[str, Any]:
-        """Write the checked TOC for the daemon (atomically); return the spec's keys for it.
+    def _save_toc(self, sid: int, checked: CheckedToc) -> str:
+        """Write the checked TOC for the daemon (atomically); return its path.
 
         The daemon verifies the file against the TOC digest again and fetches the TOC
         itself if the file is unusable, so this only saves round trips."""
         path = self._toc_path(sid)
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_bytes(checked.json)
-        os.replace(tmp, path)
-        return {"toc_file": str(path), "blob_size": checked.blob_size,
-                "toc_offset": checked.toc_offset}
+        write_atomically(path, checked.json, fsync=False)
+        return str(path)
 
     def _drop_stale_tocs(self, keep: set[int]) -> None:
         """Remove TOC files of snapshots that are no longer remote (left by a crash)."""
@@ -243,13 +244,6 @@ class LazyLayers:
             toc = None
         return Fetched(size, tail, toc)
 
-    def _spec(self, sid: int, ref: str, digest: str, toc_digest: str | None) -> dict[str, Any]:
-        """The daemon's LayerSpec; with no TOC digest the daemon skips verification."""
-        return {
-            "layer_id": sid, "ref": ref, "digest": digest, "toc_digest": toc_digest,
-            "skip_verify": toc_digest is None, "format": "estargz",
-            **self.config.layer_fetch_settings(),
-        }
 
     def check(self, sid: int) -> None:
         if sid not in self.nydus.daemonless:
@@ -262,7 +256,7 @@ class LazyLayers:
 
     async def restore(self, remote: dict[int, tuple[str, Mapping[str, str]]]) -> None:
         await asyncio.to_thread(self._drop_stale_tocs, set(remote))
-        wanted: dict[int, tuple[str, dict[str, Any]]] = {}
+        wanted: dict[int, tuple[str, LayerSpec]] = {}
         for sid, (mountpoint, labels) in remote.items():
             if nydus.is_nydus_snapshot(labels):
                 spec = self.nydus.restore_spec(sid, mountpoint, labels)
@@ -274,5 +268,18 @@ class LazyLayers:
                 log.error("remote snapshot %d has no source labels; cannot serve it", sid)
                 continue
             toc = labels.get(L.TOC_DIGEST) or None
-            wanted[sid] = (mountpoint, self._spec(sid, source[0], source[1], toc))
+            wanted[sid] = (mountpoint, layer_spec(self.config, layer_id=sid, ref=source[0],
+                                                  digest=source[1], toc_digest=toc,
+                                                  skip_verify=toc is None))
         await self.manager.start(wanted)
+
+
+def daemon_fallback(exc: BaseException) -> BaseException:
+    """What a failed daemon mount falls back with: a daemon's own refusal keeps its reason
+    (``LayerFailed``), any other daemon or OS failure is ``daemon_error``; anything else
+    (a bug) is re-raised as it is."""
+    if isinstance(exc, LayerFailed):
+        return RemoteLayerError(exc.reason, exc.detail)
+    if isinstance(exc, (DaemonError, OSError)):
+        return RemoteLayerError(Reason.DAEMON_ERROR, str(exc))
+    return exc

@@ -45,23 +45,20 @@ import asyncio
 import enum
 import json
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from snapshotter import labels as L
+from snapshotter.daemonapi.enums import LayerFormat
+from snapshotter.daemonapi.reasons import NYDUS_CHECK, LayerFailed, Reason, fallback
+from snapshotter.daemonapi.specs import LayerSpec, layer_spec
 from snapshotter.errdefs import (
-    BlobNotFound,
     DaemonError,
     DigestMismatch,
     FormatError,
     LazysnapError,
-    LimitExceeded,
-    RegistryAuthError,
-    RegistryError,
-    RegistryTimeout,
     RemoteLayerError,
 )
 from snapshotter.formats import rafs
@@ -71,6 +68,7 @@ from snapshotter.formats.bootstrap_tar import (
     sha256_digest,
 )
 from snapshotter.formats.index import LayerIndex
+from snapshotter.osutil.files import write_atomically
 
 if TYPE_CHECKING:  # the daemon imports this module for the helpers only
     from daemon_manager.manager import DaemonManager
@@ -172,15 +170,17 @@ class NydusLayers:
             raise RemoteLayerError("timeout", f"bootstrap check took over {timeout:.0f}s") \
                 from None
         except LazysnapError as e:
-            raise classify_error(e) from e
+            raise fallback(e, NYDUS_CHECK) from e
         path = bootstrap_path(mountpoint)
-        await asyncio.to_thread(_write_file, path, boot)
+        await asyncio.to_thread(write_atomically, path, boot)
         spec = self.spec(sid, ref, digest, index.format, str(path), sha256_digest(boot))
         try:
             await self.manager.mount(sid, mountpoint, spec)
-        except (DaemonError, OSError) as e:
+        except (LayerFailed, DaemonError, OSError) as e:
             path.unlink(missing_ok=True)
-            raise RemoteLayerError("daemon_error", str(e)) from e
+            if isinstance(e, LayerFailed):
+                raise RemoteLayerError(e.reason, e.detail) from e
+            raise RemoteLayerError(Reason.DAEMON_ERROR, str(e)) from e
         return index.format
 
     async def _check(self, ref: str, digest: str) -> tuple[bytes, LayerIndex]:
@@ -206,16 +206,13 @@ class NydusLayers:
         return boot, index
 
     def spec(self, sid: int, ref: str, digest: str, fmt: str, bootstrap: str,
-             boot_digest: str) -> dict[str, Any]:
+             boot_digest: str) -> LayerSpec:
         """The daemon's LayerSpec for a bootstrap layer (``toc_digest``: the bootstrap's)."""
-        return {
-            "layer_id": sid, "ref": ref, "digest": digest, "toc_digest": boot_digest,
-            "skip_verify": False, "format": fmt, "bootstrap": bootstrap,
-            **self.config.layer_fetch_settings(),
-        }
+        return layer_spec(self.config, layer_id=sid, ref=ref, digest=digest,
+                          fmt=LayerFormat(fmt), toc_digest=boot_digest, bootstrap=bootstrap)
 
     def restore_spec(self, sid: int, mountpoint: str,
-                     labels: Mapping[str, str]) -> dict[str, Any] | None:
+                     labels: Mapping[str, str]) -> LayerSpec | None:
         """The spec to serve a recorded nydus snapshot again, None when it needs no daemon
         (a blob layer) or cannot be served (logged)."""
         if is_blob_snapshot(labels):
@@ -284,37 +281,3 @@ class NydusLayers:
                 self._manifests.popitem(last=False)
         layers = cached.get("layers")
         return [d for d in layers if isinstance(d, dict)] if isinstance(layers, list) else []
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary name (never half a file)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def classify_error(
-    err: LazysnapError, format_reason: str = "invalid_bootstrap"
-) -> RemoteLayerError:
-    """The fallback reason for an error met while checking a layer.
-
-    ``format_reason`` names a malformed layer index (``invalid_bootstrap`` for nydus,
-    ``invalid_toc`` for eStargz); an index over a parsing budget is ``limit_exceeded``;
-    the other reasons are the same for every format.
-    """
-    if isinstance(err, RemoteLayerError):
-        return err
-    table: tuple[tuple[type[LazysnapError], str], ...] = (
-        (DigestMismatch, "digest_mismatch"),
-        (LimitExceeded, "limit_exceeded"),
-        (FormatError, format_reason),
-        (BlobNotFound, "blob_not_found"),
-        (RegistryAuthError, "registry_auth"),
-        (RegistryTimeout, "timeout"),
-        (RegistryError, "registry_error"),
-    )
-    reason = next((r for kind, r in table if isinstance(err, kind)), "invalid_source")
-    return RemoteLayerError(reason, str(err))

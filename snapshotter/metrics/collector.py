@@ -29,7 +29,8 @@ from typing import Protocol
 
 from daemon_manager.process import is_our_daemon, rss_bytes
 from daemon_manager.records import DaemonRecord, DaemonState
-from snapshotter.fs.control import ControlClient, DaemonStatus
+from snapshotter.daemonapi.client import ControlClient
+from snapshotter.daemonapi.status import DaemonStatus
 from snapshotter.metrics.counters import DaemonCounters, RegistryCounters
 
 log = logging.getLogger(__name__)

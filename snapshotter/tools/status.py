@@ -34,7 +34,7 @@ from snapshotter import labels as L
 from snapshotter.config import Config
 
 if TYPE_CHECKING:  # the control client (aiohttp) is imported only when status runs
-    from snapshotter.fs.control import DaemonStatus, LayerStatus
+    from snapshotter.daemonapi.status import DaemonStatus, LayerStatus
     from snapshotter.metrics.collector import StatusQuery
 
 EXIT_OK, EXIT_DOWN, EXIT_UNREADABLE = 0, 1, 3

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
+from snapshotter.daemonapi.client import ControlClient
+from snapshotter.daemonapi.specs import LayerSpec
 from snapshotter.errdefs import DaemonError
-from snapshotter.fs.control import ControlClient, LayerSpec
 from tests import estargz_writer as ew
 
 MTIME = 1_600_000_000

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.cache.chunkcache import ChunkCache
+from snapshotter.daemonapi.client import ControlClient
+from snapshotter.daemonapi.specs import LayerSpec
 from snapshotter.errdefs import (
     AlreadyExists,
     DaemonError,
@@ -21,8 +23,8 @@ from snapshotter.errdefs import (
     NotFound,
 )
 from snapshotter.formats.index import ROOT_INO, LayerIndex
-from snapshotter.fs.control import ControlClient, ControlServer, LayerSpec
-from snapshotter.fs.daemon import LayerManager
+from snapshotter.fs.control import ControlServer
+from snapshotter.fs.layers import LayerManager
 from snapshotter.fs.ops import LayerOperations
 from snapshotter.registry.base import BlobFetcher
 from tests.unit.test_fs_fakes import FakeFetcher, LayerBuilder, sha256

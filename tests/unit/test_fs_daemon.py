@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon_manager.manager import daemon_config
-from snapshotter.config import Config
+from snapshotter.config import Config, RemoteConfig
+from snapshotter.daemonapi.specs import DaemonSpec as DaemonConfig
+from snapshotter.daemonapi.specs import daemon_spec
 from snapshotter.errdefs import (
     BlobNotFound,
     ConfigError,
@@ -21,14 +22,11 @@ from snapshotter.errdefs import (
 )
 from snapshotter.formats.limits import TocLimits
 from snapshotter.fs.__main__ import main
-from snapshotter.fs.daemon import (
-    DEFAULT_READ_AHEAD_KIB,
-    DaemonConfig,
-    failure_reason,
-    mount_options,
-)
+from snapshotter.fs.daemon import mount_options
 from snapshotter.fs.fuse.session import MountOptions
+from snapshotter.fs.layers import failure_reason
 
+DEFAULT_READ_AHEAD_KIB = RemoteConfig.read_ahead_kib
 LAYER = {"layer_id": 1, "ref": "localhost:5000/a:b", "digest": "sha256:" + "a" * 64,
          "skip_verify": True}
 
@@ -52,7 +50,8 @@ def test_config_defaults_and_keys() -> None:
     assert c.read_ahead_kib == DEFAULT_READ_AHEAD_KIB == 4096
     raw = {"cache_dir": "/c", "cache_limit_bytes": 10, "read_ahead_kib": 0}
     assert DaemonConfig.from_json(raw, "shared").read_ahead_kib == 0
-    assert c.fuse_spin_us == 0  # the snapshotter passes remote.fuse_spin_us
+    # one default on both sides (it was 0 here and 50 in the configuration)
+    assert c.fuse_spin_us == RemoteConfig.fuse_spin_us
     assert DaemonConfig.from_json({**raw, "fuse_spin_us": 50}, "shared").fuse_spin_us == 50
 
 
@@ -91,12 +90,12 @@ def test_failure_reasons() -> None:
 
 def test_the_daemon_gets_the_parsing_budgets_and_memory_limit_of_the_config() -> None:
     cfg = Config()
-    raw = daemon_config(cfg, [])
+    raw = daemon_spec(cfg).to_json()
     parsed = DaemonConfig.from_json({**raw, "cache_dir": "/c"}, "shared")
     assert parsed.toc_limits == cfg.toc_limits() == TocLimits()
     assert parsed.memory_limit_bytes == cfg.daemon.memory_limit > 0
     bare = DaemonConfig.from_json({"cache_dir": "/c", "cache_limit_bytes": 1}, "shared")
-    assert (bare.toc_limits, bare.memory_limit_bytes) == (TocLimits(), 0)
+    assert (bare.toc_limits, bare.memory_limit_bytes) == (TocLimits(), cfg.daemon.memory_limit)
     for bad in ({"toc_limits": {"entries": -1}}, {"toc_limits": {"surprise": 1}},
                 {"memory_limit_bytes": -1}):
         with pytest.raises(ConfigError):

@@ -139,7 +139,6 @@ async def test_https_requests_carry_the_transport_tls_context() -> None:
 
 
 def test_the_daemon_knows_the_rafs_formats_without_importing_their_reader() -> None:
-    from snapshotter.fs import daemon, rafs_opener
+    from snapshotter.fs import layers, rafs_opener
 
-    assert set(daemon.RAFS_FORMATS) == set(rafs_opener.FORMATS)
-    assert set(daemon.default_openers()) == {"estargz", *rafs_opener.FORMATS}
+    assert set(layers.default_openers()) == {"estargz", *rafs_opener.FORMATS}

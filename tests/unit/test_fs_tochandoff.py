@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from snapshotter.cache.chunkcache import ChunkCache
+from snapshotter.daemonapi.specs import LayerSpec
 from snapshotter.errdefs import DaemonError, InvalidArgument
 from snapshotter.formats import estargz
 from snapshotter.formats.limits import TocLimits
-from snapshotter.fs.control import LayerSpec
-from snapshotter.fs.daemon import LayerManager
+from snapshotter.fs.layers import LayerManager
 from snapshotter.fs.ops import LayerOperations
 from snapshotter.registry.base import BlobFetcher
 from tests import estargz_writer as ew

@@ -11,9 +11,11 @@ from prometheus_client import CollectorRegistry
 
 from daemon_manager.records import DaemonRecord, DaemonState
 from snapshotter.cache.chunkcache import ChunkCache
+from snapshotter.daemonapi.client import ControlClient
+from snapshotter.daemonapi.status import DaemonStatus
 from snapshotter.errdefs import RegistryUnavailable
-from snapshotter.fs.control import ControlClient, ControlServer, DaemonStatus
-from snapshotter.fs.daemon import LayerManager
+from snapshotter.fs.control import ControlServer
+from snapshotter.fs.layers import LayerManager
 from snapshotter.fs.ops import LayerOperations
 from snapshotter.fs.read.fetchpolicy import FetchPolicy, FetchProgress
 from snapshotter.metrics.collector import Poller

@@ -16,6 +16,7 @@ import zstandard
 
 from snapshotter import labels as L
 from snapshotter.config import Config
+from snapshotter.daemonapi.specs import LayerSpec
 from snapshotter.errdefs import (
     DaemonError,
     FormatError,
@@ -24,7 +25,6 @@ from snapshotter.errdefs import (
     Unavailable,
 )
 from snapshotter.formats import bootstrap_tar
-from snapshotter.fs.control import LayerSpec
 from snapshotter.lazy import nydus
 from snapshotter.lazy.layers import LazyLayers
 from snapshotter.registry.auth import CredentialStore
@@ -112,11 +112,12 @@ class FakeManager:
         self.started: dict[int, tuple[str, dict[str, Any]]] = {}
         self.fail = False
 
-    async def mount(self, sid: int, mountpoint: str, spec: dict[str, Any]) -> None:
+    async def mount(self, sid: int, mountpoint: str, spec: LayerSpec) -> None:
         if self.fail:
             raise DaemonError("daemon would not start")
-        LayerSpec.from_json(spec)  # what the daemon would accept
-        self.mounted[sid] = (mountpoint, spec)
+        raw = spec.to_json()
+        assert LayerSpec.from_json(raw) == spec  # what the daemon would accept
+        self.mounted[sid] = (mountpoint, raw)
 
     def check(self, sid: int) -> None:
         if sid not in self.mounted:
@@ -125,8 +126,8 @@ class FakeManager:
     async def unmount(self, sid: int) -> None:
         self.mounted.pop(sid, None)
 
-    async def start(self, wanted: dict[int, tuple[str, dict[str, Any]]]) -> None:
-        self.started = wanted
+    async def start(self, wanted: dict[int, tuple[str, LayerSpec]]) -> None:
+        self.started = {sid: (mnt, spec.to_json()) for sid, (mnt, spec) in wanted.items()}
 
 
 @pytest.fixture

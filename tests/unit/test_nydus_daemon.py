@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from snapshotter.cache.chunkcache import ChunkCache, chunk_key
+from snapshotter.daemonapi.specs import LayerSpec
+from snapshotter.daemonapi.status import LayerStatus
 from snapshotter.errdefs import (
     BlobNotFound,
     DaemonError,
@@ -21,8 +23,7 @@ from snapshotter.errdefs import (
 from snapshotter.formats import bootstrap_tar, chunkcodec
 from snapshotter.formats.index import LayerIndex, Node, NodeKind
 from snapshotter.fs import rafs_opener
-from snapshotter.fs.control import LayerSpec, LayerStatus
-from snapshotter.fs.daemon import LayerManager
+from snapshotter.fs.layers import LayerManager
 from snapshotter.fs.ops import LayerOperations
 from snapshotter.registry.base import BlobFetcher
 from snapshotter.tools.convert.tree import Spec
