@@ -313,15 +313,6 @@ class BenchEnv:
                 if "snapshotter.fs" in " ".join(p.argv)]
 
 
-def rss_bytes(pid: int) -> int:
-    """VmRSS of ``pid`` in bytes (0 if it is gone)."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def pss_bytes(pid: int) -> int:

@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from snapshotter.osutil.proc import rss_bytes
 from tests.e2e.harness import CommandError
 from tests.e2e.imagebuild import chain_ids
 
-from .env import BenchEnv, Variant, pss_bytes, rss_bytes
+from .env import BenchEnv, Variant, pss_bytes
 from .images import (
     IMAGES,
     MEMORY_LAYERS,

@@ -40,7 +40,6 @@ from pathlib import Path
 from typing import Protocol
 
 from daemon_manager import process
-from daemon_manager.records import DaemonRecord, DaemonState, DaemonTable
 from daemon_manager.zygote import ZygoteClient
 from snapshotter.daemonapi.client import ControlClient
 from snapshotter.daemonapi.enums import DaemonMode
@@ -48,6 +47,7 @@ from snapshotter.daemonapi.reasons import LayerFailed
 from snapshotter.daemonapi.specs import DaemonSettings, LayerSpec
 from snapshotter.daemonapi.status import DaemonStatus, LayerStatus
 from snapshotter.errdefs import DaemonError, LazysnapError, Unavailable
+from snapshotter.metastore.daemons import DaemonRecord, DaemonState, DaemonTable
 from snapshotter.metastore.store import MetaStore
 from snapshotter.osutil.files import write_json_atomically
 from snapshotter.osutil.mountutil import MNT_DETACH, MS_BIND, mount, unmount
@@ -280,7 +280,7 @@ class DaemonManager:
 
         On failure nothing is left: the process is killed, its mount and record removed.
         """
-        rec = live.rec.with_(spec={"layers": list(live.layers.values())})
+        rec = live.rec.with_(spec={"layers": [s.to_json() for s in live.layers.values()]})
         live.rec = rec
         self._persist(live, DaemonState.STARTING)
         Path(rec.mountpoint).mkdir(parents=True, exist_ok=True)

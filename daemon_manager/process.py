@@ -91,17 +91,6 @@ def kill_session(pid: int, sig: int = signal.SIGKILL) -> None:
         os.kill(pid, sig)
 
 
-def rss_bytes(pid: int) -> int:
-    """Resident set size of ``pid`` in bytes, 0 when it is gone."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 class ProcessWatch:
     """An awaitable for the exit of one process, through a pidfd."""
 

@@ -11,22 +11,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from snapshotter._proto.containerd.services.snapshots.v1 import snapshots_pb2 as pb
 from snapshotter._proto.containerd.types import mount_pb2
-from snapshotter.errdefs import InvalidArgument
 from snapshotter.model import Info, Kind, Mount
 
 _TO_PB = {Kind.VIEW: pb.VIEW, Kind.ACTIVE: pb.ACTIVE, Kind.COMMITTED: pb.COMMITTED}
-_FROM_PB: dict[int, Kind] = {int(v): k for k, v in _TO_PB.items()}
 
 
 def kind_to_pb(kind: Kind) -> pb.Kind:
     return _TO_PB[kind]
-
-
-def kind_from_pb(value: int) -> Kind:
-    try:
-        return _FROM_PB[value]
-    except KeyError:
-        raise InvalidArgument(f"unknown snapshot kind {value}") from None
 
 
 def timestamp(ns: int) -> Timestamp:

@@ -8,7 +8,6 @@ by ``lazysnap inspect``. It raises only FormatError (LimitExceeded over a bound)
 
 from __future__ import annotations
 
-import hashlib
 import io
 import zlib
 from collections.abc import Iterator
@@ -341,8 +340,5 @@ def untar_layer(blob: bytes, limit: int = MAX_BOOTSTRAP_BYTES + TAR_OVERHEAD_BYT
     return b"".join(parts)
 
 
-def sha256_digest(data: bytes) -> str:
-    """``sha256:<hex>`` of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 

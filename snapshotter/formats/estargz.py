@@ -24,6 +24,7 @@ import zlib
 from dataclasses import dataclass
 
 from snapshotter.errdefs import DigestMismatch, FormatError, LimitExceeded
+from snapshotter.formats.digests import sha256_digest
 from snapshotter.formats.estargz_toc import DEFAULT_MAX_ENTRIES, TocEntry, parse_toc
 from snapshotter.formats.estargz_tree import (
     MAX_DEFLATE_RATIO,
@@ -363,7 +364,7 @@ def extract_toc(member: bytes, max_toc_bytes: int = DEFAULT_MAX_TOC_BYTES) -> by
 
 def toc_digest(json_bytes: bytes) -> str:
     """``sha256:<hex>`` of the uncompressed TOC JSON, as in the toc.digest annotation."""
-    return "sha256:" + hashlib.sha256(json_bytes).hexdigest()
+    return sha256_digest(json_bytes)
 
 
 def verify_toc(json_bytes: bytes, expected: str) -> None:

@@ -36,6 +36,7 @@ from snapshotter.errdefs import (
     RangeNotSatisfiable,
 )
 from snapshotter.formats import bootstrap_tar, detect, rafs
+from snapshotter.formats.digests import sha256_digest
 from snapshotter.formats.index import LayerIndex
 from snapshotter.registry.base import BlobFetcher
 
@@ -117,7 +118,7 @@ async def open_layer(fetcher: BlobFetcher, expected_digest: str | None) -> tuple
     (data,) = await fetcher.fetch([(0, size)]) if size else (b"",)
     boot = await asyncio.to_thread(_bootstrap_of, data)
     if expected_digest is not None \
-            and await asyncio.to_thread(bootstrap_tar.sha256_digest, boot) != expected_digest:
+            and await asyncio.to_thread(sha256_digest, boot) != expected_digest:
         raise DigestMismatch(f"bootstrap does not hash to {expected_digest}")
     index = await asyncio.to_thread(_build, boot)
     return index, boot

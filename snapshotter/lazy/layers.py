@@ -85,9 +85,9 @@ class LazyLayers:
         self.config = config
         self.manager = manager
         self.client = client
-        self.nydus = nydus.NydusLayers(config, manager, client)
-        self.lookahead = TocLookahead(self._fetch_ahead)
         self.parsebox = ParseBox(config.remote.check_memory_limit, config.remote.check_timeout)
+        self.nydus = nydus.NydusLayers(config, manager, client, self.parsebox)
+        self.lookahead = TocLookahead(self._fetch_ahead)
 
     async def start(self) -> None:
         """Start the bounded parser processes (so that no Prepare waits for them)."""

@@ -64,15 +64,14 @@ from snapshotter.errdefs import (
 from snapshotter.formats import rafs
 from snapshotter.formats.bootstrap_tar import (
     MAX_BOOTSTRAP_BYTES,
-    extract_bootstrap,
-    sha256_digest,
 )
-from snapshotter.formats.index import LayerIndex
+from snapshotter.formats.digests import sha256_digest
 from snapshotter.osutil.files import write_atomically
 
 if TYPE_CHECKING:  # the daemon imports this module for the helpers only
     from daemon_manager.manager import DaemonManager
     from snapshotter.config import Config
+    from snapshotter.lazy.parsebox import ParseBox
     from snapshotter.registry.registry import RegistryClient
 
 log = logging.getLogger(__name__)
@@ -115,27 +114,6 @@ def bootstrap_path(mountpoint: str) -> Path:
     return Path(mountpoint).parent / BOOTSTRAP_FILE_NAME
 
 
-def blob_digests(index: LayerIndex) -> list[str]:
-    """The registry digests of the data blobs the index's chunks read, sorted.
-
-    Raises FormatError for a blob id that is not 64 lowercase hex digits (it must name
-    ``sha256:<id>`` in the registry).
-    """
-    ids = {c.blob for n in index.nodes.values() for c in n.chunks}
-    for blob in ids:
-        if len(blob) != 64 or any(ch not in "0123456789abcdef" for ch in blob):
-            raise FormatError(f"blob id {blob[:80]!r} is not a sha256 hex digest")
-    return sorted(f"sha256:{b}" for b in ids)
-
-
-def _blob_ends(index: LayerIndex) -> dict[str, int]:
-    ends: dict[str, int] = {}
-    for node in index.nodes.values():
-        for c in node.chunks:
-            ends[c.blob] = max(ends.get(c.blob, 0), c.blob_end)
-    return ends
-
-
 class NydusLayers:
     """Mounts nydus layers for ``LazyLayers`` (see the module docstring).
 
@@ -143,10 +121,12 @@ class NydusLayers:
     available).
     """
 
-    def __init__(self, config: Config, manager: DaemonManager, client: RegistryClient) -> None:
+    def __init__(self, config: Config, manager: DaemonManager, client: RegistryClient,
+                 parsebox: ParseBox) -> None:
         self.config = config
         self.manager = manager
         self.client = client
+        self.parsebox = parsebox
         self.daemonless: set[int] = set()
         self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
@@ -165,7 +145,7 @@ class NydusLayers:
         ref, digest = source
         timeout = self.config.remote.mount_timeout
         try:
-            boot, index = await asyncio.wait_for(self._check(ref, digest), timeout)
+            boot, fmt = await asyncio.wait_for(self._check(ref, digest), timeout)
         except TimeoutError:
             raise RemoteLayerError("timeout", f"bootstrap check took over {timeout:.0f}s") \
                 from None
@@ -173,7 +153,7 @@ class NydusLayers:
             raise fallback(e, NYDUS_CHECK) from e
         path = bootstrap_path(mountpoint)
         await asyncio.to_thread(write_atomically, path, boot)
-        spec = self.spec(sid, ref, digest, index.format, str(path), sha256_digest(boot))
+        spec = self.spec(sid, ref, digest, fmt, str(path), sha256_digest(boot))
         try:
             await self.manager.mount(sid, mountpoint, spec)
         except (LayerFailed, DaemonError, OSError) as e:
@@ -181,10 +161,11 @@ class NydusLayers:
             if isinstance(e, LayerFailed):
                 raise RemoteLayerError(e.reason, e.detail) from e
             raise RemoteLayerError(Reason.DAEMON_ERROR, str(e)) from e
-        return index.format
+        return fmt
 
-    async def _check(self, ref: str, digest: str) -> tuple[bytes, LayerIndex]:
-        """Fetch and check the bootstrap layer; (bootstrap bytes, its index)."""
+    async def _check(self, ref: str, digest: str) -> tuple[bytes, str]:
+        """Fetch and check the bootstrap layer (parsed in serve's bounded parser
+        process); return the bootstrap's bytes and format."""
         limit = self.config.remote.max_toc_bytes
         fetcher = self.client.open_blob(ref, digest)
         size = await fetcher.size()
@@ -194,16 +175,14 @@ class NydusLayers:
         (blob,) = await fetcher.fetch([(0, size)]) if size else (b"",)
         if sha256_digest(blob) != digest:
             raise DigestMismatch(f"bootstrap layer does not hash to {digest}")
-        boot = await asyncio.to_thread(extract_bootstrap, blob, min(limit, MAX_BOOTSTRAP_BYTES))
-        index = await asyncio.to_thread(rafs.build_index, boot)
-        ends = _blob_ends(index)
-        for blob_digest in blob_digests(index):
+        boot, fmt, ends = await self.parsebox.call(
+            "nydus_bootstrap", blob, min(limit, MAX_BOOTSTRAP_BYTES))
+        for blob_digest, end in sorted(ends.items()):
             blob_size = await self.client.open_blob(ref, blob_digest).size()
-            end = ends.get(blob_digest.removeprefix("sha256:"), 0)
             if end > blob_size:
                 raise FormatError(f"a chunk ends at {end}, past the end of blob "
                                   f"{blob_digest} ({blob_size} bytes)")
-        return boot, index
+        return boot, fmt
 
     def spec(self, sid: int, ref: str, digest: str, fmt: str, bootstrap: str,
              boot_digest: str) -> LayerSpec:
@@ -263,7 +242,7 @@ class NydusLayers:
             fetcher = self.client.open_blob(ref, digest)
             size = await fetcher.size()
             (blob,) = await fetcher.fetch([(0, size)]) if size else (b"",)
-            await asyncio.to_thread(extract_bootstrap, blob, min(limit, MAX_BOOTSTRAP_BYTES))
+            await self.parsebox.call("bootstrap_layer", blob, min(limit, MAX_BOOTSTRAP_BYTES))
             return Kind.BOOTSTRAP
         except (LazysnapError, ValueError, TypeError) as exc:
             log.debug("layer %s: no nydus layer (%s)", digest, exc)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapshotter import errdefs
-from snapshotter.errdefs import Internal, LazysnapError, LimitExceeded, Unavailable
-from snapshotter.formats import estargz
+from snapshotter.errdefs import FormatError, Internal, LazysnapError, LimitExceeded, Unavailable
+from snapshotter.formats import bootstrap_tar, estargz, rafs
 from snapshotter.formats.limits import TocLimits
 
 log = logging.getLogger(__name__)
@@ -59,8 +59,31 @@ def check_estargz_toc(toc_json: bytes, blob_size: int, toc_offset: int,
     return len(index.nodes)
 
 
+def check_nydus_bootstrap(layer: bytes, limit: int) -> tuple[bytes, str, dict[str, int]]:
+    """The bootstrap of a bootstrap layer blob, checked: ``(bootstrap, format, ends)``
+    with ``ends`` the end of the last chunk in each data blob (``sha256:<id>`` keys).
+    Raises FormatError (LimitExceeded over a bound; a blob id that is not sha256 hex)."""
+    boot = bootstrap_tar.extract_bootstrap(layer, limit)
+    index = rafs.build_index(boot)
+    ends: dict[str, int] = {}
+    for node in index.nodes.values():
+        for chunk in node.chunks:
+            ends[chunk.blob] = max(ends.get(chunk.blob, 0), chunk.blob_end)
+    for blob in ends:
+        if len(blob) != 64 or any(ch not in "0123456789abcdef" for ch in blob):
+            raise FormatError(f"blob id {blob[:80]!r} is not a sha256 hex digest")
+    return boot, index.format, {f"sha256:{blob}": end for blob, end in ends.items()}
+
+
+def check_bootstrap_layer(layer: bytes, limit: int) -> int:
+    """The size of the bootstrap a bootstrap layer blob holds (FormatError if none)."""
+    return len(bootstrap_tar.extract_bootstrap(layer, limit))
+
+
 TASKS: dict[str, Callable[..., Any]] = {
+    "bootstrap_layer": check_bootstrap_layer,
     "estargz_toc": check_estargz_toc,
+    "nydus_bootstrap": check_nydus_bootstrap,
 }
 
 

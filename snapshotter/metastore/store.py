@@ -49,6 +49,7 @@ from snapshotter.errdefs import (
     Internal,
     InvalidArgument,
     NotFound,
+    StartupError,
 )
 from snapshotter.metastore.schema import SCHEMA_VERSION, migrate
 from snapshotter.model import Info, Kind
@@ -139,10 +140,6 @@ class Tx:
         if rec is None:
             raise NotFound(f"snapshot {key!r} does not exist")
         return rec
-
-    def get_by_id(self, sid: int) -> Record | None:
-        row = self._c.execute(_SELECT + " WHERE s.id = ?", (sid,)).fetchone()
-        return None if row is None else _row(row)
 
     def records(self) -> list[Record]:
         return [_row(r) for r in self._c.execute(_SELECT + " ORDER BY s.id")]
@@ -243,10 +240,6 @@ class Tx:
         )
         return self.must_get(key)
 
-    def set_usage(self, key: str, size: int, inodes: int) -> None:
-        self._c.execute("UPDATE snapshots SET size = ?, inodes = ? WHERE key = ?",
-                        (size, inodes, key))
-
 
 CHECKPOINT_EVERY = 256
 INLINE_CHECKPOINT_PAGES = 10_000  # sqlite's default is 1000
@@ -256,20 +249,28 @@ class MetaStore:
     """The sqlite database at ``path``; one connection, used from one thread (and a
     checkpointing thread with its own connection; see the module docstring)."""
 
-    def __init__(self, path: str | Path, *, checkpoint_every: int = CHECKPOINT_EVERY) -> None:
+    def __init__(self, path: str | Path, *, checkpoint_every: int = CHECKPOINT_EVERY,
+                 readonly: bool = False) -> None:
         self.path = Path(path)
+        self._checkpoint_every = max(1, checkpoint_every)
+        self._writes = 0
+        self._checkpointer: threading.Thread | None = None
+        self.schema_version = SCHEMA_VERSION
+        if readonly:  # for tools beside a running serve: no pragma that writes, no migration
+            try:
+                self._c = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=10,
+                                          isolation_level=None, check_same_thread=False)
+            except sqlite3.Error as exc:
+                raise StartupError(f"cannot open {self.path}: {exc}") from None
+            return
         self._c = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         self._c.execute("PRAGMA journal_mode = WAL")
         self._c.execute("PRAGMA synchronous = NORMAL")
         self._c.execute("PRAGMA foreign_keys = ON")
         self._c.execute("PRAGMA busy_timeout = 5000")
         self._c.execute(f"PRAGMA wal_autocheckpoint = {INLINE_CHECKPOINT_PAGES}")
-        self._checkpoint_every = max(1, checkpoint_every)
-        self._writes = 0
-        self._checkpointer: threading.Thread | None = None
         with self.write() as tx:
             migrate(tx._c)
-        self.schema_version = SCHEMA_VERSION
 
     @contextmanager
     def write(self) -> Iterator[Tx]:

@@ -27,11 +27,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from daemon_manager.process import is_our_daemon, rss_bytes
-from daemon_manager.records import DaemonRecord, DaemonState
+from daemon_manager.process import is_our_daemon
 from snapshotter.daemonapi.client import ControlClient
 from snapshotter.daemonapi.status import DaemonStatus
+from snapshotter.metastore.daemons import DaemonRecord, DaemonState
 from snapshotter.metrics.counters import DaemonCounters, RegistryCounters
+from snapshotter.osutil.proc import rss_bytes
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ from prometheus_client.core import (
     Metric,
 )
 
-from daemon_manager.records import DaemonState
+from snapshotter.metastore.daemons import DaemonState
 from snapshotter.metrics import counters as c
 from snapshotter.metrics.collector import Poller, Readings
 

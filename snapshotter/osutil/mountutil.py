@@ -62,10 +62,6 @@ def mounts_under(root: str | Path) -> list[str]:
     return sorted(found, key=lambda p: p.count("/"), reverse=True)
 
 
-def is_mountpoint(path: str | Path) -> bool:
-    return str(Path(path)) in mounts_under(path)
-
-
 def unmount_all(root: str | Path) -> None:
     """Lazily unmount everything at or below ``root``; mounts already gone are ignored."""
     for point in mounts_under(root):

@@ -29,9 +29,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from daemon_manager.process import is_our_daemon, rss_bytes
+from daemon_manager.process import is_our_daemon
 from snapshotter import labels as L
 from snapshotter.config import Config
+from snapshotter.errdefs import StartupError
+from snapshotter.metastore.daemons import DaemonTable
+from snapshotter.metastore.store import MetaStore
+from snapshotter.osutil.proc import rss_bytes
 
 if TYPE_CHECKING:  # the control client (aiohttp) is imported only when status runs
     from snapshotter.daemonapi.status import DaemonStatus, LayerStatus
@@ -156,49 +160,35 @@ class _DaemonRecord:
 
 
 def read_metastore(root: str) -> tuple[list[_SnapshotRecord], list[_DaemonRecord]]:
-    """Snapshot and daemon records from ``ROOT/metadata.db``, read-only; StateError."""
+    """Snapshot and daemon records from ``ROOT/metadata.db``, read through the
+    metastore's API on a read-only connection (serve may be running); StateError."""
     path = Path(root) / "metadata.db"
     if not path.is_file():
         raise StateError(f"no lazysnap metastore at {path}")
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
-    except sqlite3.Error as exc:
-        raise StateError(f"cannot open {path}: {exc}") from None
-    with contextlib.closing(conn):
-        try:
-            rows = conn.execute("SELECT id, key, kind, labels FROM snapshots ORDER BY id")
-            snapshots = [_SnapshotRecord(int(i), str(k), str(kind), _labels(raw))
-                         for i, k, kind, raw in rows.fetchall()]
-            daemons = _daemon_records(conn)
-        except sqlite3.Error as exc:
-            raise StateError(f"{path} is not a lazysnap metastore: {exc}") from None
+        store = MetaStore(path, readonly=True)
+    except StartupError as exc:
+        raise StateError(str(exc)) from None
+    try:
+        with store.read() as tx:
+            snapshots = [_SnapshotRecord(rec.id, rec.key, rec.kind.value, dict(rec.labels))
+                         for rec in tx.records()]
+        daemons = [_DaemonRecord(rec.id, rec.mode, rec.pid, rec.control, rec.mountpoint,
+                                 rec.state.value, _layer_ids(rec.spec))
+                   for rec in DaemonTable(store).all()]
+    except (sqlite3.Error, ValueError) as exc:
+        raise StateError(f"{path} is not a lazysnap metastore: {exc}") from None
+    finally:
+        store.close()
     return snapshots, daemons
 
 
-def _labels(raw: object) -> dict[str, str]:
+def _layer_ids(spec: Mapping[str, Any]) -> tuple[int, ...]:
+    """The layer ids a daemon record's spec names (none if it is not as expected)."""
     try:
-        value = json.loads(str(raw))
-    except ValueError:
-        return {}
-    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
-
-
-def _daemon_records(conn: sqlite3.Connection) -> list[_DaemonRecord]:
-    has_table = conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'daemons'").fetchone()
-    if has_table is None:  # schema version 1: no daemon has ever been recorded
-        return []
-    out = []
-    for did, mode, pid, control, mnt, state, spec in conn.execute(
-            "SELECT id, mode, pid, control, mountpoint, state, spec FROM daemons ORDER BY id"):
-        try:
-            layers = json.loads(str(spec)).get("layers", [])
-            ids = tuple(int(layer["layer_id"]) for layer in layers)
-        except (ValueError, TypeError, KeyError, AttributeError):
-            ids = ()
-        out.append(_DaemonRecord(str(did), str(mode), int(pid), str(control), str(mnt),
-                                 str(state), ids))
-    return out
+        return tuple(int(layer["layer_id"]) for layer in spec.get("layers", []))
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return ()
 
 
 async def _query_all(records: Sequence[_DaemonRecord], timeout: float,

@@ -44,6 +44,7 @@ from pathlib import Path
 import pytest
 
 from snapshotter.formats import chunkcodec, rafs
+from snapshotter.formats.digests import sha256_digest
 from snapshotter.formats.index import LayerIndex, NodeKind
 from snapshotter.tools.convert import image as nimage
 from snapshotter.tools.convert.tree import Spec
@@ -96,7 +97,7 @@ def _tar_gz(entries: list[tuple[tarfile.TarInfo, bytes | None]]) -> tuple[bytes,
         for info, data in entries:
             tar.addfile(info, io.BytesIO(data) if data is not None else None)
     raw = buf.getvalue()
-    return gzip.compress(raw, mtime=0), nimage.sha256_digest(raw)
+    return gzip.compress(raw, mtime=0), sha256_digest(raw)
 
 
 def _busybox_layer() -> nimage.LayerBlob:

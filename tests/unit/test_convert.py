@@ -20,6 +20,7 @@ from aiohttp import web
 from snapshotter import labels as L
 from snapshotter.errdefs import InvalidArgument, RegistryError
 from snapshotter.formats import chunkcodec, rafs
+from snapshotter.formats.digests import sha256_digest
 from snapshotter.formats.index import LayerIndex, NodeKind
 from snapshotter.registry.hosts import HostsConfig
 from snapshotter.registry.reference import parse_reference
@@ -168,7 +169,7 @@ def test_nydus_image_layers_and_manifest() -> None:
     assert boot_layer.annotations == {L.NYDUS_BOOTSTRAP: "true", image.NYDUS_FS_VERSION: "6",
                                       image.UNCOMPRESSED: boot_layer.diff_id}
     raw = gzip.decompress(boot_layer.data)
-    assert image.sha256_digest(raw) == boot_layer.diff_id
+    assert sha256_digest(raw) == boot_layer.diff_id
     with tarfile.open(fileobj=io.BytesIO(raw)) as tar:
         members = {m.name: m for m in tar.getmembers()}
         assert list(members) == ["image", "image/image.boot"]
@@ -244,7 +245,7 @@ class UploadRegistry:
     async def finish(self, request: web.Request) -> web.Response:
         body = await request.read()
         digest = request.query["digest"]
-        if self.refuse or image.sha256_digest(body) != digest or request.query.get("s") != "t":
+        if self.refuse or sha256_digest(body) != digest or request.query.get("s") != "t":
             return web.Response(status=400, text="digest invalid")
         self.blobs[digest] = body
         return web.Response(status=201)
@@ -253,7 +254,7 @@ class UploadRegistry:
         body = await request.read()
         self.manifests[request.match_info["tag"]] = body
         return web.Response(status=201,
-                            headers={"Docker-Content-Digest": image.sha256_digest(body)})
+                            headers={"Docker-Content-Digest": sha256_digest(body)})
 
 
 @pytest.fixture
@@ -306,7 +307,7 @@ async def test_cli_converts_and_pushes(tmp_path: Path, upload_registry: tuple[Up
                               str(tmp_path / "src"), f"{host}/conv:v5"])
     digest = await cli.convert(args, cli.ProgressBar(io.StringIO()))
     manifest = json.loads(reg.manifests["v5"])
-    assert digest == image.sha256_digest(reg.manifests["v5"])
+    assert digest == sha256_digest(reg.manifests["v5"])
     assert manifest["layers"][-1]["annotations"][image.NYDUS_FS_VERSION] == "5"
     boot = (tmp_path / "out" / "image.boot").read_bytes()
     blobs = {p.name: p.read_bytes() for p in (tmp_path / "out" / "blobs").iterdir()}

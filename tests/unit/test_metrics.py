@@ -18,9 +18,9 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from daemon_manager.records import DaemonRecord, DaemonState
 from snapshotter.daemonapi.status import DaemonStatus, LayerStatus
 from snapshotter.errdefs import DaemonError, StartupError
+from snapshotter.metastore.daemons import DaemonRecord, DaemonState
 from snapshotter.metrics import families
 from snapshotter.metrics.collector import Poller, StatusQuery
 from snapshotter.metrics.counters import DaemonCounters, RegistryCounters

@@ -9,7 +9,6 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from daemon_manager.records import DaemonRecord, DaemonState
 from snapshotter.cache.chunkcache import ChunkCache
 from snapshotter.daemonapi.client import ControlClient
 from snapshotter.daemonapi.status import DaemonStatus
@@ -18,6 +17,7 @@ from snapshotter.fs.control import ControlServer
 from snapshotter.fs.layers import LayerManager
 from snapshotter.fs.ops import LayerOperations
 from snapshotter.fs.read.fetchpolicy import FetchPolicy, FetchProgress
+from snapshotter.metastore.daemons import DaemonRecord, DaemonState
 from snapshotter.metrics.collector import Poller
 from snapshotter.metrics.counters import DaemonCounters, RegistryCounters
 from snapshotter.metrics.families import Metrics

@@ -25,6 +25,7 @@ from snapshotter.errdefs import (
     Unavailable,
 )
 from snapshotter.formats import bootstrap_tar
+from snapshotter.formats.digests import sha256_digest
 from snapshotter.lazy import nydus
 from snapshotter.lazy.layers import LazyLayers
 from snapshotter.registry.auth import CredentialStore
@@ -193,7 +194,7 @@ async def test_bootstrap_layer_is_checked_written_and_mounted(
     assert where == mnt
     assert (spec["format"], spec["bootstrap"], spec["digest"], spec["ref"]) == (
         "rafs-v5", str(path), boot_digest, ref)
-    assert spec["toc_digest"] == bootstrap_tar.sha256_digest(boot)
+    assert spec["toc_digest"] == sha256_digest(boot)
     blob_gets = [r for r in registry.requests if r.path.endswith(blob_digest)]
     assert blob_gets and all(r.method == "HEAD" for r in blob_gets)  # size only, no data
     lazy.check(7)
@@ -300,5 +301,5 @@ async def test_restore_serves_bootstraps_again_and_blobs_stay_available(
     assert set(manager.started) == {5}
     spec = manager.started[5][1]
     assert spec["bootstrap"] == str(Path(boot_mnt).parent / "image.boot")
-    assert spec["toc_digest"] == bootstrap_tar.sha256_digest(boot) and spec["format"] == "rafs-v5"
+    assert spec["toc_digest"] == sha256_digest(boot) and spec["format"] == "rafs-v5"
     lazy.check(4)

@@ -20,7 +20,8 @@ from snapshotter.errdefs import (
     FormatError,
     RangeNotSatisfiable,
 )
-from snapshotter.formats import bootstrap_tar, chunkcodec
+from snapshotter.formats import chunkcodec
+from snapshotter.formats.digests import sha256_digest
 from snapshotter.formats.index import LayerIndex, Node, NodeKind
 from snapshotter.fs import rafs_opener
 from snapshotter.fs.layers import LayerManager
@@ -91,7 +92,7 @@ async def manager(tmp_path: Path) -> AsyncIterator[tuple[Make, LayerOperations]]
 
 def spec_for(path: Path, boot: bytes, fmt: str, **kw: object) -> LayerSpec:
     return LayerSpec(layer_id=1, ref=REF, digest="sha256:" + "9" * 64,
-                     toc_digest=bootstrap_tar.sha256_digest(boot), format=fmt, bootstrap=str(path),
+                     toc_digest=sha256_digest(boot), format=fmt, bootstrap=str(path),
                      **kw)  # type: ignore[arg-type]
 
 
@@ -115,7 +116,7 @@ async def test_open_layer_from_a_bootstrap_file(tmp_path: Path, boot_path: Path,
     boot = boot_path.read_bytes()
     path = write_bootstrap(tmp_path, boot)
     index, raw = await rafs_opener.open_layer(rafs_opener.FileBlob(str(path), "x"),
-                                              bootstrap_tar.sha256_digest(boot))
+                                              sha256_digest(boot))
     assert raw == boot and index.format == fmt
     assert index.blob_size == sum(len(b) for b in fixture_blobs(boot_path.parent).values())
 

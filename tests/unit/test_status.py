@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from daemon_manager.records import DaemonRecord, DaemonState, DaemonTable
 from snapshotter import labels as L
 from snapshotter.cli import main
 from snapshotter.config import Config
 from snapshotter.daemonapi.status import DaemonStatus, LayerStatus
 from snapshotter.errdefs import DaemonError
+from snapshotter.metastore.daemons import DaemonRecord, DaemonState, DaemonTable
 from snapshotter.metastore.store import MetaStore
 from snapshotter.metrics.collector import StatusQuery
 from snapshotter.model import Kind

@@ -56,7 +56,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from snapshotter.fs.fuse import wire as w
 from snapshotter.fs.fuse.passthrough import OpenModes
@@ -99,6 +99,7 @@ class FuseOperations(Protocol):
         ...
 
 
+@runtime_checkable
 class PassthroughSource(Protocol):
     """Optional part of ``FuseOperations``: a local file holding all of a regular file's
     bytes, which the kernel may then read directly (FUSE passthrough)."""
@@ -165,7 +166,7 @@ class FuseSession:
         self._pool: ThreadPoolExecutor | None = None
         self._local = threading.local()  # each reading thread's reply buffer
         self._stats_lock = threading.Lock()
-        self._want_passthrough = passthrough and hasattr(ops, "passthrough_file")
+        self._want_passthrough = passthrough and isinstance(ops, PassthroughSource)
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading = False
         self._done: asyncio.Future[None] | None = None

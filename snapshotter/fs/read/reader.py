@@ -42,17 +42,14 @@ subclasses), ``DigestMismatch``/``FormatError`` from decoding, ``FormatError`` f
 unsupported compression, ``Unavailable`` after ``aclose``.
 
 Decoding dispatches on ``Chunk.compression`` through a table of ``Decoder`` functions
-(``DEFAULT_DECODERS``); a format adds its compressions there (nydus: ``zstd``,
-``lz4_block``). A decoder returns the chunk's verified, uncompressed bytes.
+(``decode.DEFAULT_DECODERS``); where chunks sit in their blobs is ``layout``'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import functools
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Mapping
@@ -60,74 +57,28 @@ from dataclasses import dataclass
 from typing import Any
 
 from snapshotter.cache.chunkcache import ChunkCache, chunk_key
-from snapshotter.errdefs import DigestMismatch, FormatError, Unavailable
+from snapshotter.errdefs import FormatError, Unavailable
 from snapshotter.formats.index import Chunk, Node, NodeKind
 from snapshotter.fs.read.activity import Activity
+from snapshotter.fs.read.decode import DEFAULT_DECODERS, Decoder
 from snapshotter.fs.read.dirahead import DirectoryAhead
+from snapshotter.fs.read.layout import BlobLayout, chunk_span, compressed_size
+from snapshotter.fs.read.wholefile import WHOLE_FILE_MIN_BYTES, WholeFiles
 from snapshotter.registry.base import BlobFetcher
 
 log = logging.getLogger(__name__)
 
-Decoder = Callable[[bytes, Chunk], bytes]
-"""``decoder(compressed_range_bytes, chunk) -> verified uncompressed chunk bytes``."""
 AheadRecorder = Callable[[str, bool, int, float | None], None]
 """``record(phase, complete, fetched_bytes, seconds)``: told of each finished directory
 read-ahead (``FetchTotals.record``'s signature)."""
 
 _SEQ_TRACKED = 1024
-WHOLE_FILE_MIN_BYTES = 8 << 20
-WHOLE_FILE_AHEAD = 32 << 20
 _BATCH_BYTES = 4 << 20
 _INLINE_DECODE_BYTES = 64 << 10
 # A directory read-ahead goes in batches of this many compressed bytes, this many at once:
 # a miss that comes meanwhile queues behind at most that much on the link.
 _AHEAD_BATCH_BYTES = 256 << 10
 _AHEAD_PARALLEL = 2
-
-
-def verify_digest(data: bytes, digest: str) -> None:
-    """Raise DigestMismatch unless ``data`` hashes to ``digest`` (``""`` = nothing to check).
-
-    Raises FormatError for a digest algorithm this build cannot compute.
-    """
-    if not digest:
-        return
-    algo, _, want = digest.partition(":")
-    try:
-        h = hashlib.new(algo)
-    except ValueError:
-        raise FormatError(f"unsupported digest algorithm {algo!r}") from None
-    h.update(data)
-    if h.hexdigest() != want:
-        raise DigestMismatch(f"chunk digest mismatch: want {digest}, got {algo}:{h.hexdigest()}")
-
-
-def decode_none(data: bytes, chunk: Chunk) -> bytes:
-    """Decoder for uncompressed chunks: the range holds the bytes as they are."""
-    out = data[chunk.inner_offset : chunk.inner_offset + chunk.size]
-    if len(out) != chunk.size:
-        raise FormatError(f"chunk range holds {len(out)} bytes, expected {chunk.size}")
-    verify_digest(out, chunk.digest)
-    return out
-
-
-def decode_gzip(data: bytes, chunk: Chunk) -> bytes:
-    """Decoder for eStargz gzip members (decompress, skip inner offset, verify)."""
-    from snapshotter.formats import estargz  # the format module, imported where it is used
-
-    return estargz.read_chunk(data, chunk)
-
-
-def _rafs_decoders() -> Mapping[str, Decoder]:
-    from snapshotter.formats import chunkcodec
-
-    return chunkcodec.DECODERS
-
-
-# nydus's ``none`` decoder also checks blake3 digests; it is the same as ``decode_none``
-# for the sha256 chunks of other formats.
-DEFAULT_DECODERS: Mapping[str, Decoder] = {
-    "none": decode_none, "gzip": decode_gzip, **_rafs_decoders()}
 
 
 @dataclass(slots=True)
@@ -200,14 +151,7 @@ class ChunkReader:
         self._dir_ahead = dir_ahead
         self._on_ahead = on_ahead
         self._amplify = max(0, amplify_bytes)
-        self._layout: dict[str, list[Chunk]] = {}
-        if self._amplify:
-            for chunk in layout:
-                self._layout.setdefault(chunk.blob, []).append(chunk)
-            for chunks in self._layout.values():
-                chunks.sort(key=_blob_position)
-        self._layout_starts = {
-            blob: [c.blob_offset for c in chunks] for blob, chunks in self._layout.items()}
+        self._layout = BlobLayout(layout if self._amplify else ())
         self.activity = activity if activity is not None else Activity(None)
         self._cache = cache
         self._readahead = max(0, readahead_chunks)
@@ -218,10 +162,7 @@ class ChunkReader:
         self._tasks: set[asyncio.Task[None]] = set()
         self._seq: OrderedDict[int, _Seq] = OrderedDict()
         self._key_tasks: dict[str, asyncio.Task[None]] = {}  # chunk key -> its fetch
-        self._whole: dict[int, str | None] = {}  # ino -> stored whole-file key, or None
-        self._assembling: set[int] = set()
-        self._whole_min = whole_file_bytes  # 0: never
-        self._hinted: dict[int, int] = {}  # ino -> how far its whole file was hinted
+        self._wholes = WholeFiles(cache, whole_file_bytes, self._key, logger)
         self._closed = False
         self.counters = ReaderCounters()
 
@@ -234,15 +175,15 @@ class ChunkReader:
         end = min(node.size, offset + length)
         if node.kind is not NodeKind.REG or offset >= end:
             return b""
-        whole = self._whole_file(node)
+        whole = self._wholes.stored(node)
         if whole is not None:
             data = self._cache.read(whole, offset, end - offset)
             if data is not None:
                 self.counters.cache_hits += 1
                 self.counters.served_bytes += len(data)
                 return data
-            self._whole[node.ino] = None  # evicted meanwhile: back to the chunks
-        first, last = _chunk_span(node.chunks, offset, end)
+            self._wholes.forget(node)  # evicted meanwhile: back to the chunks
+        first, last = chunk_span(node.chunks, offset, end)
         # Keys first: they can raise, and nothing may be registered in flight before that.
         wanted = [(c, self._key(c)) for c in node.chunks[first : last + 1]]
         pieces: list[bytes] = []
@@ -296,13 +237,13 @@ class ChunkReader:
         end = min(node.size, offset + length)
         if node.kind is not NodeKind.REG or offset >= end:
             return CachedRange(self._cache, (), 0)
-        whole = self._whole_file(node)
+        whole = self._wholes.stored(node)
         if whole is not None:
-            self._whole_ahead(node, whole, offset, end)
+            self._wholes.ahead(node, whole, offset, end)
             parts: list[tuple[str, int, int]] = [(whole, offset, end - offset)]
             hits = 1
         else:
-            first, last = _chunk_span(node.chunks, offset, end)
+            first, last = chunk_span(node.chunks, offset, end)
             parts = []
             for chunk in node.chunks[first : last + 1]:
                 try:
@@ -324,83 +265,25 @@ class ChunkReader:
 
     # --- whole files ------------------------------------------------------------------------
 
-    def _whole_file(self, node: Node) -> str | None:
-        """The cache key of ``node``'s assembled file when it is known to be stored (one
-        existence check per big file and reader), else None."""
-        if node.size < self._whole_min or not self._whole_min:
-            return None  # every read of a small file asks: nothing to look up or keep
-        if node.ino in self._whole:
-            return self._whole[node.ino]
-        key = self._whole_key(node)
-        self._whole[node.ino] = key if key is not None and self._cache.contains(key) else None
-        return self._whole[node.ino]
-
     def whole_file_path(self, node: Node) -> str | None:
         """The cache file holding all of ``node``'s bytes when it has been assembled
         (see the module docstring), else None."""
-        if self._closed:
-            return None
-        key = self._whole_file(node)
-        return None if key is None else str(self._cache.path_for(key))
-
-    def _whole_ahead(self, node: Node, key: str, offset: int, end: int) -> None:
-        """For a sequential reader of an assembled file: keep the kernel reading the file
-        ``WHOLE_FILE_AHEAD`` bytes ahead of it (the daemon answers one request at a time,
-        so each read should find its pages there)."""
-        hinted = self._hinted.get(node.ino, -1)
-        if offset == 0 or hinted < 0:
-            hinted = offset
-        if end + WHOLE_FILE_AHEAD // 2 > hinted and hinted < node.size:
-            self._cache.will_need(key, hinted, WHOLE_FILE_AHEAD)
-            hinted += WHOLE_FILE_AHEAD
-        self._hinted[node.ino] = hinted
-        while len(self._hinted) > _SEQ_TRACKED:
-            self._hinted.pop(next(iter(self._hinted)))
-
-    def _whole_key(self, node: Node) -> str | None:
-        """``file:<sha256 of the chunk keys and sizes>`` for a file that may be assembled
-        (big, two chunks or more, chunks contiguous from 0 to its size), else None."""
-        if not self._whole_min or node.size < self._whole_min or len(node.chunks) < 2:
-            return None
-        h = hashlib.sha256()
-        pos = 0
-        try:
-            for chunk in node.chunks:
-                if chunk.file_offset != pos:
-                    return None
-                h.update(f"{self._key(chunk)} {chunk.size}\n".encode())
-                pos += chunk.size
-        except FormatError:
-            return None
-        return f"file:{h.hexdigest()}" if pos == node.size else None
+        return None if self._closed else self._wholes.path(node)
 
     def _assemble_later(self, node: Node) -> None:
         """After a read reached the end of ``node``: assemble it in the background if it
         is big, not assembled yet and not being assembled."""
-        if (self._closed or self._whole.get(node.ino) is not None
-                or node.ino in self._assembling):
-            return
-        key = self._whole_key(node)
-        if key is None:
-            return
-        self._assembling.add(node.ino)
-        self._background(self._assemble(node, key))
+        key = None if self._closed else self._wholes.claim(node)
+        if key is not None:
+            self._background(self._assemble(node, key))
 
     async def _assemble(self, node: Node, key: str) -> None:
-        """Wait for the file's chunks still being fetched and stored, then copy them into
-        one cache entry. A chunk missing or failing leaves things as they were."""
-        try:
-            keys = [self._key(c) for c in node.chunks]
-            pending = {self._key_tasks[k] for k in keys if k in self._key_tasks}
-            if pending:
-                await asyncio.wait(pending)
-            parts = [(k, c.size) for k, c in zip(keys, node.chunks, strict=True)]
-            if await asyncio.to_thread(self._cache.assemble, key, parts):
-                self._whole[node.ino] = key
-        except (OSError, FormatError) as exc:
-            self._log.warning("whole-file copy of inode %d not stored: %s", node.ino, exc)
-        finally:
-            self._assembling.discard(node.ino)
+        """Wait for the file's chunks still being fetched and stored, then assemble it."""
+        keys = [self._key(c) for c in node.chunks]
+        pending = {self._key_tasks[k] for k in keys if k in self._key_tasks}
+        if pending:
+            await asyncio.wait(pending)
+        await self._wholes.assemble(node, key)
 
     async def fetch_all(
         self,
@@ -465,7 +348,7 @@ class ChunkReader:
             await asyncio.shield(fut)
         if tasks:  # until our chunks are stored, not just decoded; wait() never cancels
             await asyncio.wait(tasks)
-        return _compressed_size(c for c, _ in missing)
+        return compressed_size(c for c, _ in missing)
 
     def _fetch_ahead(self, nodes: list[Node]) -> None:
         """Fetch ``nodes`` (a directory read-ahead) in the background, a few batches at a
@@ -650,15 +533,8 @@ class ChunkReader:
         for chunk, _ in missing:
             if chunk.blob not in last or chunk.blob_end > last[chunk.blob].blob_end:
                 last[chunk.blob] = chunk
-        for blob, tail in last.items():
-            chunks = self._layout.get(blob, [])
-            pos = bisect.bisect_right(self._layout_starts.get(blob, []), tail.blob_offset)
-            limit = tail.blob_end + self._amplify
-            for chunk in chunks[pos:]:
-                if chunk.blob_end > limit:
-                    break
-                if chunk.blob_offset < tail.blob_end:
-                    continue  # shares the miss's range (another slice of the same member)
+        for tail in last.values():
+            for chunk in self._layout.following(tail, self._amplify):
                 key = self._key(chunk)
                 if key in self._inflight or self._cache.contains(key):
                     continue
@@ -701,25 +577,6 @@ class ChunkReader:
             self.activity.note()
             self._spawn([(chunk, key)])
         state.ahead = max(state.ahead, stop - 1)
-
-
-def _chunk_span(chunks: list[Chunk], offset: int, end: int) -> tuple[int, int]:
-    """Indices of the first and last chunk overlapping ``[offset, end)`` (non-empty range)."""
-    first = bisect.bisect_right(chunks, offset, key=_file_offset) - 1
-    last = bisect.bisect_left(chunks, end, key=_file_offset) - 1
-    return max(first, 0), last
-
-
-def _file_offset(chunk: Chunk) -> int:
-    return chunk.file_offset
-
-
-def _blob_position(chunk: Chunk) -> tuple[int, int]:
-    return chunk.blob_offset, chunk.inner_offset
-
-
-def _compressed_size(chunks: Iterable[Chunk]) -> int:
-    return sum(e - s for s, e in {(c.blob_offset, c.blob_end) for c in chunks})
 
 
 def _consume_exception(fut: asyncio.Future[bytes]) -> None:

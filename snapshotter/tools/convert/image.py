@@ -22,7 +22,6 @@ same chain IDs as for any image.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import io
 import json
 import tarfile
@@ -32,6 +31,7 @@ from typing import Any
 
 from snapshotter import labels as L
 from snapshotter.errdefs import InvalidArgument
+from snapshotter.formats.digests import sha256_digest
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
@@ -41,11 +41,6 @@ UNCOMPRESSED = "containerd.io/uncompressed"
 NYDUS_FS_VERSION = L.NYDUS_FS_VERSION
 BOOTSTRAP_DIR = "image"
 BOOTSTRAP_NAME = "image/image.boot"
-
-
-def sha256_digest(data: bytes) -> str:
-    """``sha256:<hex>`` of ``data``."""
-    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 @dataclass(frozen=True)

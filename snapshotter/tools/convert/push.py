@@ -25,10 +25,11 @@ from urllib.parse import urljoin
 import aiohttp
 
 from snapshotter.errdefs import RegistryAuthError, RegistryError, RegistryUnavailable
+from snapshotter.formats.digests import sha256_digest
 from snapshotter.registry.auth import Authenticator, CredentialStore
 from snapshotter.registry.hosts import HostsConfig
 from snapshotter.registry.reference import Reference
-from snapshotter.tools.convert.image import OCI_MANIFEST, NydusImage, sha256_digest
+from snapshotter.tools.convert.image import OCI_MANIFEST, NydusImage
 
 PIECE = 1 << 20
 Progress = Callable[[int], None]

@@ -18,25 +18,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import gzip
 import json
-import lzma
 import os
 import sys
-import tarfile
-import zlib
 from collections import Counter
 from typing import IO, Any, BinaryIO
 
-from snapshotter.errdefs import DigestMismatch, FormatError
-from snapshotter.formats import chunkcodec, detect, erofs, estargz, rafs
+from snapshotter.errdefs import DigestMismatch, FormatError, LimitExceeded
+from snapshotter.formats import bootstrap_tar, chunkcodec, detect, erofs, estargz, rafs
 from snapshotter.formats.index import LayerIndex, Node, NodeKind
 from snapshotter.formats.rafs import v5 as rafs_v5
 from snapshotter.formats.rafs import v6 as rafs_v6
 from snapshotter.tools.inspect import estargz as estargz_inspect
 
 BOOTSTRAP_NAMES = ("image/image.boot", "image.boot")  # preferred first
-MAX_BOOTSTRAP_BYTES = 1 << 30
+MAX_BOOTSTRAP_BYTES = bootstrap_tar.MAX_BOOTSTRAP_BYTES
 
 
 def _jsonable(obj: Any) -> Any:
@@ -200,27 +196,17 @@ def _is_estargz(path: str, size: int) -> bool:
 
 
 def bootstrap_from_tar(path: str) -> bytes | None:
-    """The bootstrap inside a (gzipped) tar, or None if ``path`` is no such tar.
-
-    ``image/image.boot`` is preferred over the legacy ``image.boot``; leading ``./`` and
-    ``/`` are ignored. FormatError if the member is not a regular file or is larger than
-    ``MAX_BOOTSTRAP_BYTES``; OSError if the file cannot be opened or read (a corrupt
-    compressed stream counts as "no such tar", not as an OSError).
-    """
-    try:
-        with tarfile.open(path, "r:*") as tar:
-            members = {m.name.lstrip("/").removeprefix("./"): m for m in tar.getmembers()}
-            for name in BOOTSTRAP_NAMES:
-                member = members.get(name)
-                if member is None:
-                    continue
-                if not member.isfile() or member.size > MAX_BOOTSTRAP_BYTES:
-                    raise FormatError(f"{name} in {path} is not a regular file of sane size")
-                f = tar.extractfile(member)
-                return None if f is None else f.read()
-    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile, lzma.LZMAError):
-        return None  # not a (well-formed) tar: the caller reports "not a layer"
-    return None
+    """The bootstrap inside a nydus bootstrap layer (a tar, plain, gzip or zstd), or None
+    if ``path`` is no such layer; read by the one bounded reader,
+    ``formats.bootstrap_tar.extract_bootstrap``. LimitExceeded (a FormatError) for a
+    layer over its bounds; OSError if the file cannot be opened or read."""
+    with open(path, "rb") as f:
+        try:
+            return bootstrap_tar.extract_bootstrap(f, MAX_BOOTSTRAP_BYTES)
+        except LimitExceeded:
+            raise
+        except FormatError:
+            return None  # not a (well-formed) bootstrap layer: the caller says so
 
 
 def _load(path: str) -> tuple[str, bytes]:

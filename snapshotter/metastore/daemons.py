@@ -78,7 +78,12 @@ class DaemonTable:
         return None if row is None else _record(row)
 
     def all(self) -> list[DaemonRecord]:
+        """Every record, by id (none in a read-only store of schema version 1, which had
+        no daemons table)."""
         with self.store.read() as tx:
+            if tx.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table'"
+                               " AND name = 'daemons'").fetchone() is None:
+                return []
             rows = tx.conn.execute(
                 "SELECT id, mode, pid, control, mountpoint, state, spec, updated_ns"
                 " FROM daemons ORDER BY id").fetchall()
