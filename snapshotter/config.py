@@ -9,6 +9,7 @@ through ``Config.with_overrides``. ``version = 1`` is the only version so far.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from snapshotter.daemonapi.enums import DaemonMode
 from snapshotter.errdefs import ConfigError
 from snapshotter.formats import limits
 
+log = logging.getLogger(__name__)
 CONFIG_VERSION = 1
 DEFAULT_CONFIG_PATH = "/etc/lazysnap/config.toml"
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -110,8 +112,6 @@ class DaemonConfig:
     # First and largest delay between restarts, seconds.
     restart_backoff: float = 0.5
     restart_backoff_max: float = 30.0
-    # Seconds a daemon may take to open its control socket.
-    start_timeout: float = 20.0
     # Dedicated mode: fork daemons from a pre-imported template process (milliseconds)
     # instead of starting a Python process for each layer (about half a second).
     zygote: bool = True
@@ -244,9 +244,22 @@ def parse(text: str, source: str = "<config>") -> Config:
     return config
 
 
+RETIRED_KEYS = {
+    "daemon.start_timeout": "daemons are handed their control socket already listening, "
+                            "so there is no start to wait for",
+}
+"""Keys older versions documented that mean nothing now: accepted with a warning, so
+that an existing configuration file keeps loading."""
+
+
 def _build(cls: type[T], table: Mapping[str, Any], prefix: str) -> T:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    retired = {k for k in table if f"{prefix}{k}" in RETIRED_KEYS}
+    for key in sorted(retired):
+        log.warning("configuration key %s%s is ignored: %s", prefix, key,
+                    RETIRED_KEYS[f"{prefix}{key}"])
+    table = {k: v for k, v in table.items() if k not in retired}
     unknown = sorted(set(table) - names)
     if unknown:
         raise ConfigError(f"unknown configuration key {prefix}{unknown[0]}")

@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import io
 import tarfile
-import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Literal
 
 import pytest
@@ -25,9 +23,9 @@ import zstandard
 from snapshotter.errdefs import FormatError, LimitExceeded
 from snapshotter.formats import bootstrap_tar
 from snapshotter.fs import rafs_opener
+from tests.memory import peak_under
 from tests.unit.test_fs_fakes import FakeFetcher
 
-PEAK = 64 << 20
 LIMIT = 1 << 20
 BOOT = b"SFAR" + bytes(range(256)) * 40
 END = bytes(1024)  # end-of-archive: two zero blocks
@@ -35,16 +33,6 @@ Format = Literal[0, 1, 2]  # tarfile.USTAR_FORMAT, GNU_FORMAT, PAX_FORMAT
 Compress = Callable[..., bytes]
 
 
-@contextmanager
-def peak_under(limit: int = PEAK) -> Iterator[None]:
-    """Fail unless the Python allocations inside the block peak below ``limit`` bytes."""
-    tracemalloc.start()
-    try:
-        yield
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak {peak} bytes"
 
 
 def header(name: str, size: int = 0, kind: bytes = tarfile.REGTYPE,

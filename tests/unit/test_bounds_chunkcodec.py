@@ -9,10 +9,8 @@ and everything built from them); no test measures time.
 from __future__ import annotations
 
 import struct
-import tracemalloc
 import zlib
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 
 import lz4.block  # type: ignore[import-untyped]
 import pytest
@@ -21,21 +19,11 @@ import zstandard
 from snapshotter.errdefs import FormatError
 from snapshotter.formats import chunkcodec
 from snapshotter.formats.index import Chunk
+from tests.memory import peak_under
 
-PEAK = 64 << 20
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
-@contextmanager
-def peak_under(limit: int = PEAK) -> Iterator[None]:
-    """Fail unless the Python allocations inside the block peak below ``limit`` bytes."""
-    tracemalloc.start()
-    try:
-        yield
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak {peak} bytes"
 
 
 def zstd_frame(content_size: int, *, single_segment: bool = True, window_log: int = 20,

@@ -11,9 +11,6 @@ than ``MAX_DEPTH``, and 10,000 hard links (which must stay linear). Memory is ch
 from __future__ import annotations
 
 import struct
-import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -21,9 +18,9 @@ from snapshotter.errdefs import FormatError, LimitExceeded
 from snapshotter.formats import rafs
 from snapshotter.formats.rafs import v5 as rafs_v5
 from snapshotter.tools.convert.tree import Spec
+from tests.memory import PEAK, peak_under
 from tests.unit.test_rafs_writer import write_v5
 
-PEAK = 64 << 20
 SAMPLE = [
     Spec("a", "dir", 0o755),
     Spec("a/b", "dir", 0o755),
@@ -33,16 +30,6 @@ SAMPLE = [
 ]
 
 
-@contextmanager
-def peak_under(limit: int = PEAK) -> Iterator[None]:
-    """Fail unless the Python allocations inside the block peak below ``limit`` bytes."""
-    tracemalloc.start()
-    try:
-        yield
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak {peak} bytes"
 
 
 def _records(boot: bytes) -> dict[bytes, rafs_v5.Inode]:

@@ -12,9 +12,6 @@ Memory is checked with ``tracemalloc`` (peak under 64 MiB); no test measures tim
 from __future__ import annotations
 
 import struct
-import tracemalloc
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 
@@ -23,24 +20,14 @@ from snapshotter.formats import erofs, rafs
 from snapshotter.formats.rafs import v6 as rafs_v6
 from snapshotter.tools.convert.tree import Spec
 from snapshotter.tools.convert.write_v6 import dir_blocks
+from tests.memory import peak_under
 from tests.unit.test_rafs_writer import write_v6
 
-PEAK = 64 << 20
 BS = 4096
 S_IFREG, S_IFDIR, S_IFLNK = 0o100000, 0o040000, 0o120000
 _COMPACT = struct.Struct("<HHHHIIIIHH4x")
 
 
-@contextmanager
-def peak_under(limit: int = PEAK) -> Iterator[None]:
-    """Fail unless the Python allocations inside the block peak below ``limit`` bytes."""
-    tracemalloc.start()
-    try:
-        yield
-        peak = tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-    assert peak < limit, f"peak {peak} bytes"
 
 
 def compact(mode: int, *, size: int = 0, layout: int = erofs.LAYOUT_FLAT_PLAIN,

@@ -78,3 +78,14 @@ def test_cache_dir_defaults_below_root() -> None:
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         config.load(tmp_path / "none.toml")
+
+
+def test_a_retired_key_is_accepted_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """``daemon.start_timeout`` was documented and never read: files that set it still
+    load, and the operator is told it means nothing."""
+    from snapshotter.config import parse
+
+    with caplog.at_level("WARNING"):
+        cfg = parse("version = 1\n[daemon]\nstart_timeout = 20.0\nmode = \"shared\"\n")
+    assert cfg.daemon.mode == "shared"
+    assert "daemon.start_timeout is ignored" in caplog.text

@@ -22,10 +22,7 @@ from snapshotter.tools.inspect import rafs as inspect_rafs
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The file arguments of ``inspect_rafs`` plus the registry source."""
-    inspect_rafs.add_arguments(parser)
-    for action in parser._actions:
-        if action.dest == "blob":
-            action.nargs = "?"
+    inspect_rafs.add_arguments(parser, file_optional=True)
     parser.add_argument("--ref", help="image reference of an eStargz layer in a registry")
     parser.add_argument("--digest", help="the layer's digest (with --ref)")
     parser.add_argument("--config", metavar="FILE",

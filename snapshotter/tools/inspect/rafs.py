@@ -168,9 +168,10 @@ def verify_blobs(index: LayerIndex, blob_dir: str | os.PathLike[str]) -> dict[st
             "bytes": total, "blobs": dict(sorted(per_blob.items()))}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Add the ``inspect`` subcommand's arguments (eStargz and RAFS) to ``parser``."""
-    parser.add_argument("blob", metavar="FILE",
+def add_arguments(parser: argparse.ArgumentParser, *, file_optional: bool = False) -> None:
+    """Add the ``inspect`` subcommand's arguments (eStargz and RAFS) to ``parser``; with
+    ``file_optional`` FILE may be left out (the command then reads a registry)."""
+    parser.add_argument("blob", metavar="FILE", nargs="?" if file_optional else None,
                         help="an eStargz layer blob, a RAFS bootstrap (image.boot), or a nydus "
                              "bootstrap layer tar(.gz) holding image/image.boot")
     parser.add_argument("--tree", action="store_true",
