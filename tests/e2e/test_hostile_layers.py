@@ -62,6 +62,14 @@ def _peak_rss(pid: int) -> int:
     raise AssertionError(f"no VmHWM for {pid}")
 
 
+def _data_limit(pid: int) -> int:
+    """The soft ``Max data size`` of process ``pid`` (RLIMIT_DATA), bytes."""
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max data size"):
+            return int(line.split()[3])
+    raise AssertionError(f"no data limit for {pid}")
+
+
 def _metric(port: int, name: str) -> float:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
         text = resp.read().decode()
@@ -113,4 +121,7 @@ def test_hostile_layers_fall_back_and_the_node_keeps_serving(
     print(f"peak RSS: serve {_peak_rss(lz.pid) / MiB:.0f} MiB, daemons "
           f"{sorted(round(p / MiB) for p in peaks.values())} MiB")
     assert all(peak < 512 * MiB for peak in peaks.values()), peaks
+    # the second line: every daemon runs under its data-memory limit ([daemon] memory_limit)
+    for pid in daemons:
+        assert _data_limit(pid) == 2 << 30, pid
     _remove_task(stack, "reader")
