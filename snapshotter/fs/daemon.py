@@ -82,7 +82,7 @@ class Daemon:
             config.cache_dir, config.cache_limit_bytes, fsync=config.cache_fsync
         )
         self._ops = LayerOperations(
-            shared=mode == "shared",
+            shared=mode == DaemonMode.SHARED,
             timeouts=FuseTimeouts(entry_s=config.entry_timeout, attr_s=config.attr_timeout),
         )
         self.counters = counters if counters is not None else DaemonCounters()

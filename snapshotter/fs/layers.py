@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from snapshotter.cache.chunkcache import ChunkCache
-from snapshotter.daemonapi.enums import RAFS_FORMATS
+from snapshotter.daemonapi.enums import RAFS_FORMATS, DaemonMode, LayerFormat
 from snapshotter.daemonapi.reasons import DAEMON, reason_for
 from snapshotter.daemonapi.specs import LayerSpec
 from snapshotter.daemonapi.status import DaemonStatus, LayerStatus
@@ -87,7 +87,7 @@ def default_openers(limits: TocLimits | None = None) -> dict[str, LayerOpener]:
                                                                              bytes]:
         return await estargz.open_layer(fetcher, digest, limits=budget)
 
-    openers: dict[str, LayerOpener] = {"estargz": open_estargz}
+    openers: dict[str, LayerOpener] = {LayerFormat.ESTARGZ: open_estargz}
     openers.update(dict.fromkeys(RAFS_FORMATS, _open_rafs))
     return openers
 
@@ -209,11 +209,11 @@ class LayerManager:
             raise Unavailable("daemon is stopping")
         if spec.layer_id in self._layers:
             raise AlreadyExists(f"layer {spec.layer_id} exists")
-        if self.mode == "dedicated" and self._layers:
+        if self.mode == DaemonMode.DEDICATED and self._layers:
             raise FailedPrecondition("a dedicated daemon serves exactly one layer")
         if spec.format not in self._openers:
             raise InvalidArgument(f"no reader for layer format {spec.format!r}")
-        if self.mode == "shared" and not 1 <= spec.layer_id <= MAX_LAYER_ID:
+        if self.mode == DaemonMode.SHARED and not 1 <= spec.layer_id <= MAX_LAYER_ID:
             raise InvalidArgument(f"shared-mode layer ids are 1..{MAX_LAYER_ID}")
         layer = _Layer(spec=spec, log=LayerLog(log, {"digest": spec.digest}))
         self._layers[spec.layer_id] = layer

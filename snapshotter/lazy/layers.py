@@ -36,6 +36,7 @@ from pathlib import Path
 from daemon_manager.manager import DaemonManager
 from snapshotter import labels as L
 from snapshotter.config import Config
+from snapshotter.daemonapi.enums import LayerFormat
 from snapshotter.daemonapi.reasons import ESTARGZ_CHECK, LayerFailed, Reason, fallback
 from snapshotter.daemonapi.specs import LayerSpec, layer_spec
 from snapshotter.errdefs import (
@@ -156,7 +157,7 @@ class LazyLayers:
             raise daemon_fallback(failed) from failed
         log.debug("layer %s: TOC checked in %.0f ms, mounted %.0f ms later", digest,
                   (checked_at - started) * 1000, (time.monotonic() - checked_at) * 1000)
-        return "estargz"
+        return LayerFormat.ESTARGZ.value
 
     def _toc_path(self, sid: int) -> Path:
         return Path(self.config.toc_dir) / f"{sid}.json"

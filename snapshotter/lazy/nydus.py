@@ -83,19 +83,19 @@ BOOTSTRAP_FILE_NAME = "image.boot"
 _MANIFEST_CACHE = 32
 
 
-class Kind(enum.Enum):
+class NydusKind(enum.Enum):
     """What a nydus image layer is."""
 
     BLOB = "blob"
     BOOTSTRAP = "bootstrap"
 
 
-def classify(labels: Mapping[str, str]) -> Kind | None:
+def classify(labels: Mapping[str, str]) -> NydusKind | None:
     """The nydus kind the labels give the layer, None for a layer they do not mark."""
     if L.NYDUS_BOOTSTRAP in labels:
-        return Kind.BOOTSTRAP
+        return NydusKind.BOOTSTRAP
     if L.NYDUS_BLOB in labels:
-        return Kind.BLOB
+        return NydusKind.BLOB
     return None
 
 
@@ -131,12 +131,12 @@ class NydusLayers:
         self._manifests: OrderedDict[str, dict[str, Any]] = OrderedDict()
 
     async def mount(self, sid: int, mountpoint: str, labels: Mapping[str, str],
-                    kind: Kind) -> str:
+                    kind: NydusKind) -> str:
         """Serve the layer; return its format (``nydus-blob``, ``rafs-v5``, ``rafs-v6``).
 
         Raises RemoteLayerError as described in the module docstring.
         """
-        if kind is Kind.BLOB:
+        if kind is NydusKind.BLOB:
             self.daemonless.add(sid)
             return BLOB_FORMAT
         source = L.layer_source(labels)
@@ -207,10 +207,10 @@ class NydusLayers:
         if source is None:
             log.error("remote snapshot %d has no source labels; cannot serve it", sid)
             return None
-        fmt = labels.get(L.REMOTE_FORMAT, "rafs-v6")
+        fmt = labels.get(L.REMOTE_FORMAT, LayerFormat.RAFS_V6)
         return self.spec(sid, source[0], source[1], fmt, str(path), sha256_digest(boot))
 
-    async def detect(self, labels: Mapping[str, str]) -> Kind | None:
+    async def detect(self, labels: Mapping[str, str]) -> NydusKind | None:
         """The nydus kind of a layer without nydus labels, from its image manifest.
 
         None when the layer is not nydus or the manifest cannot be had (never raises
@@ -226,14 +226,14 @@ class NydusLayers:
             log.debug("layer %s: nydus detection timed out", source[1])
             return None
 
-    async def _detect(self, ref: str, digest: str) -> Kind | None:
+    async def _detect(self, ref: str, digest: str) -> NydusKind | None:
         try:
             layers = await self._manifest_layers(ref)
             desc = next((d for d in layers if d.get("digest") == digest), None)
             if desc is None:
                 return None
             if desc.get("mediaType") == NYDUS_BLOB_MEDIA_TYPE:
-                return Kind.BLOB
+                return NydusKind.BLOB
             if not any(d.get("mediaType") == NYDUS_BLOB_MEDIA_TYPE for d in layers):
                 return None
             limit = self.config.remote.max_toc_bytes
@@ -243,7 +243,7 @@ class NydusLayers:
             size = await fetcher.size()
             (blob,) = await fetcher.fetch([(0, size)]) if size else (b"",)
             await self.parsebox.call("bootstrap_layer", blob, min(limit, MAX_BOOTSTRAP_BYTES))
-            return Kind.BOOTSTRAP
+            return NydusKind.BOOTSTRAP
         except (LazysnapError, ValueError, TypeError) as exc:
             log.debug("layer %s: no nydus layer (%s)", digest, exc)
             return None

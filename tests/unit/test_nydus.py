@@ -60,10 +60,10 @@ def boot_tar(files: dict[str, bytes], compress: str = "gzip") -> bytes:
 
 
 def test_classify_by_label_presence() -> None:
-    assert nydus.classify({L.NYDUS_BOOTSTRAP: ""}) is nydus.Kind.BOOTSTRAP
-    assert nydus.classify({L.NYDUS_BLOB: "true"}) is nydus.Kind.BLOB
+    assert nydus.classify({L.NYDUS_BOOTSTRAP: ""}) is nydus.NydusKind.BOOTSTRAP
+    assert nydus.classify({L.NYDUS_BLOB: "true"}) is nydus.NydusKind.BLOB
     assert nydus.classify({L.NYDUS_BLOB: "true", L.NYDUS_BOOTSTRAP: "true"}) \
-        is nydus.Kind.BOOTSTRAP
+        is nydus.NydusKind.BOOTSTRAP
     assert nydus.classify({L.TARGET_REF: "x"}) is None
 
 

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
+from snapshotter.daemonapi.enums import LayerFormat
 from snapshotter.errdefs import InvalidArgument, LazysnapError
 from snapshotter.registry.auth import CredentialStore
 from snapshotter.registry.hosts import HostsConfig
@@ -41,8 +42,8 @@ from snapshotter.tools.convert.tree import DEFAULT_CHUNK_SIZE, Image, Spec
 from snapshotter.tools.convert.write_v5 import write_v5
 from snapshotter.tools.convert.write_v6 import write_v6
 
-FORMATS = ("rafs-v6", "rafs-v5")
-DEFAULT_COMPRESSION = {"rafs-v6": "zstd", "rafs-v5": "lz4_block"}
+FORMATS = (LayerFormat.RAFS_V6.value, LayerFormat.RAFS_V5.value)
+DEFAULT_COMPRESSION = {LayerFormat.RAFS_V6.value: "zstd", LayerFormat.RAFS_V5.value: "lz4_block"}
 
 
 class ProgressBar:
@@ -91,7 +92,7 @@ class ProgressBar:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``convert`` subcommand's arguments to ``parser``."""
-    parser.add_argument("--format", choices=FORMATS, default="rafs-v6",
+    parser.add_argument("--format", choices=FORMATS, default=LayerFormat.RAFS_V6.value,
                         help="RAFS version of the bootstrap (default rafs-v6)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                         help="chunk size in bytes, a power of two in 4 KiB..16 MiB "
@@ -124,7 +125,7 @@ def write_image(specs: list[Spec], args: argparse.Namespace) -> Image:
     """The RAFS image of ``specs`` as ``args`` asks (InvalidArgument for bad options)."""
     compression = args.compression or DEFAULT_COMPRESSION[args.format]
     prefetch = tuple(args.prefetch)
-    writer = write_v6 if args.format == "rafs-v6" else write_v5
+    writer = write_v6 if args.format == LayerFormat.RAFS_V6 else write_v5
     return writer(specs, chunk_size=args.chunk_size, compression=compression,
                   digest=args.digest, prefetch=prefetch, blob_trailer=True)
 
