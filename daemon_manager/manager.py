@@ -258,10 +258,9 @@ class DaemonManager:
 
     # --- launching and supervision --------------------------------------------------------
 
-    def _argv(self, rec: DaemonRecord) -> list[str]:
+    def _argv(self, rec: DaemonRecord, layers: tuple[LayerSpec, ...]) -> list[str]:
         conf_path = self.run_dir / f"{rec.id}.json"
-        spec = dataclasses.replace(self.settings.template, layers=tuple(
-            LayerSpec.from_json(layer) for layer in rec.spec.get("layers", [])))
+        spec = dataclasses.replace(self.settings.template, layers=layers)
         write_json_atomically(conf_path, spec.to_json())
         return [
             sys.executable, "-m", "snapshotter.fs", "--mode", rec.mode,
@@ -286,7 +285,8 @@ class DaemonManager:
         Path(rec.mountpoint).mkdir(parents=True, exist_ok=True)
         sock = process.listen_unix(rec.control)
         try:
-            pid = await self._spawn(self._argv(rec), str(self.run_dir / f"{rec.id}.log"), sock)
+            argv = self._argv(rec, tuple(live.layers.values()))
+            pid = await self._spawn(argv, str(self.run_dir / f"{rec.id}.log"), sock)
         finally:
             sock.close()
         live.rec = live.rec.with_(pid=pid)

@@ -110,6 +110,17 @@ def fallback(exc: LazysnapError, wording: Wording = ESTARGZ_CHECK) -> RemoteLaye
     return RemoteLayerError(reason_for(exc, wording), str(exc))
 
 
+def daemon_fallback(exc: BaseException) -> BaseException:
+    """What a failed daemon mount falls back with: a daemon's own refusal keeps its reason
+    (``LayerFailed``), any other daemon or OS failure is ``daemon_error``; anything else
+    (a bug) is returned as it is, to be re-raised."""
+    if isinstance(exc, LayerFailed):
+        return RemoteLayerError(exc.reason, exc.detail)
+    if isinstance(exc, (DaemonError, OSError)):
+        return RemoteLayerError(Reason.DAEMON_ERROR, str(exc))
+    return exc
+
+
 class LayerFailed(DaemonError):
     """A daemon could not serve a layer; ``reason`` is the daemon's own ``Reason``.
 

@@ -37,10 +37,9 @@ from daemon_manager.manager import DaemonManager
 from snapshotter import labels as L
 from snapshotter.config import Config
 from snapshotter.daemonapi.enums import LayerFormat
-from snapshotter.daemonapi.reasons import ESTARGZ_CHECK, LayerFailed, Reason, fallback
+from snapshotter.daemonapi.reasons import ESTARGZ_CHECK, Reason, daemon_fallback, fallback
 from snapshotter.daemonapi.specs import LayerSpec, layer_spec
 from snapshotter.errdefs import (
-    DaemonError,
     FormatError,
     LazysnapError,
     RemoteLayerError,
@@ -273,14 +272,3 @@ class LazyLayers:
                                                   digest=source[1], toc_digest=toc,
                                                   skip_verify=toc is None))
         await self.manager.start(wanted)
-
-
-def daemon_fallback(exc: BaseException) -> BaseException:
-    """What a failed daemon mount falls back with: a daemon's own refusal keeps its reason
-    (``LayerFailed``), any other daemon or OS failure is ``daemon_error``; anything else
-    (a bug) is re-raised as it is."""
-    if isinstance(exc, LayerFailed):
-        return RemoteLayerError(exc.reason, exc.detail)
-    if isinstance(exc, (DaemonError, OSError)):
-        return RemoteLayerError(Reason.DAEMON_ERROR, str(exc))
-    return exc

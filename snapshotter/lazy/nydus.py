@@ -52,7 +52,7 @@ from typing import TYPE_CHECKING, Any
 
 from snapshotter import labels as L
 from snapshotter.daemonapi.enums import LayerFormat
-from snapshotter.daemonapi.reasons import NYDUS_CHECK, LayerFailed, Reason, fallback
+from snapshotter.daemonapi.reasons import NYDUS_CHECK, daemon_fallback, fallback
 from snapshotter.daemonapi.specs import LayerSpec, layer_spec
 from snapshotter.errdefs import (
     DaemonError,
@@ -156,11 +156,9 @@ class NydusLayers:
         spec = self.spec(sid, ref, digest, fmt, str(path), sha256_digest(boot))
         try:
             await self.manager.mount(sid, mountpoint, spec)
-        except (LayerFailed, DaemonError, OSError) as e:
+        except (DaemonError, OSError) as e:  # LayerFailed is a DaemonError
             path.unlink(missing_ok=True)
-            if isinstance(e, LayerFailed):
-                raise RemoteLayerError(e.reason, e.detail) from e
-            raise RemoteLayerError(Reason.DAEMON_ERROR, str(e)) from e
+            raise daemon_fallback(e) from e
         return fmt
 
     async def _check(self, ref: str, digest: str) -> tuple[bytes, str]:

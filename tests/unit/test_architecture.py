@@ -182,9 +182,6 @@ def test_imports_point_from_the_edges_to_the_core() -> None:
             there = _room(target)
             if there != room and there not in ALLOWED[room]:
                 wrong.append(f"{module} -> {target}")
-    if "snapshotter.fs.__main__" in GRAPH:  # the one way into fs from daemon_manager
-        wrong = [w for w in wrong if not w.startswith("daemon_manager.zygote -> ")
-                 or w.endswith("snapshotter.fs.__main__")]
     assert wrong == []
 
 

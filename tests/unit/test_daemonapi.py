@@ -11,6 +11,7 @@ from snapshotter.daemonapi.reasons import (
     NYDUS_CHECK,
     LayerFailed,
     Reason,
+    daemon_fallback,
     fallback,
     reason_for,
 )
@@ -25,7 +26,6 @@ from snapshotter.errdefs import (
     RegistryUnavailable,
     RemoteLayerError,
 )
-from snapshotter.lazy.layers import daemon_fallback
 
 
 @pytest.mark.parametrize(("exc", "check", "nydus", "daemon"), [
